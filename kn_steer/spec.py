@@ -1,0 +1,271 @@
+"""The ``kn_steer`` request spec and its compilation into per-neuron multiply-add masks.
+
+Every intervention becomes ``h[i] <- h[i] * mul[i] + add[i]`` on the neuron vector ``h``:
+``scale f`` is ``(f, 0)`` and ``clamp v`` is ``(0, v)``. Composition rule, applied per neuron
+and per position kind (prompt tokens, generated tokens):
+
+* scales multiply (``scale 2`` then ``scale 3`` is ``scale 6``);
+* a clamp wins over every scale, whatever the order; of several clamps the last listed wins.
+
+The transformers reference and the vLLM plugin both apply the compiled masks with the same
+multiply-add, so they agree bit for bit on what a spec means.
+
+Positions: ``prompt`` steers the forward pass over prompt tokens, ``generated`` the pass over
+tokens the model generated (fed back in), ``all`` both. The first generated token is predicted
+from the last prompt token, so only ``prompt``/``all`` interventions affect it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kn_steer.adapters import ModelShape
+from kn_steer.errors import SpecError
+from kn_steer.neuron_set import NeuronSet
+
+PositionKind = Literal["prompt", "generated"]
+POSITION_KINDS: tuple[PositionKind, ...] = ("prompt", "generated")
+DEFAULT_MAX_NEURONS = 200_000
+
+
+class Intervention(BaseModel):
+    """One intervention: a named set or explicit ``[layer, index]`` pairs, and an operation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    set: str | None = None
+    neurons: list[tuple[int, int]] | None = None
+    op: Literal["scale", "clamp"] | None = None
+    factor: float | None = None
+    value: float | None = None
+    layers: list[int] | None = None
+    positions: Literal["all", "prompt", "generated"] = "all"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Intervention":
+        if (self.set is None) == (self.neurons is None):
+            raise ValueError("give exactly one of 'set' (a neuron-set name) or 'neurons' ([[layer, index], ...])")
+        for name in ("factor", "value"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"'{name}' must be a finite number, got {v}")
+        if self.neurons is not None:
+            if self.op is None:
+                raise ValueError("explicit 'neurons' need an 'op' ('scale' or 'clamp')")
+        if self.op == "scale" and self.factor is None and self.neurons is not None:
+            raise ValueError("op 'scale' needs a 'factor'")
+        if self.op == "clamp" and self.value is None and self.neurons is not None:
+            raise ValueError("op 'clamp' needs a 'value'")
+        if self.op == "scale" and self.value is not None:
+            raise ValueError("op 'scale' takes 'factor', not 'value'")
+        if self.op == "clamp" and self.factor is not None:
+            raise ValueError("op 'clamp' takes 'value', not 'factor'")
+        return self
+
+
+class SteeringSpec(BaseModel):
+    """The ``kn_steer`` request field: interventions, or an A/B experiment to draw an arm from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interventions: list[Intervention] = Field(default_factory=list)
+    experiment: str | None = None
+    unit: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SteeringSpec":
+        if self.experiment is not None and self.interventions:
+            raise ValueError("give either 'interventions' or 'experiment', not both")
+        if self.unit is not None and self.experiment is None:
+            raise ValueError("'unit' is only meaningful with 'experiment'")
+        return self
+
+
+def parse_spec(raw: Any, where: str = "kn_steer") -> SteeringSpec:
+    """Parse a spec from a dict, a model or a JSON string; errors name the offending field."""
+    if isinstance(raw, SteeringSpec):
+        return raw
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{where}: not valid JSON ({exc.msg} at position {exc.pos})") from exc
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{where}: expected an object, got {type(raw).__name__}")
+    try:
+        return SteeringSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{where}." + ".".join(str(p) for p in err["loc"]) + f": {err['msg']}"
+            if err["loc"] else f"{where}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SpecError(problems) from exc
+
+
+@dataclass(frozen=True)
+class SparseMask:
+    """Neurons whose activation becomes ``h * mul + add``; every other neuron is untouched."""
+
+    layers: np.ndarray  # int32
+    indices: np.ndarray  # int32
+    mul: np.ndarray  # float32
+    add: np.ndarray  # float32
+
+    @property
+    def size(self) -> int:
+        return int(self.layers.shape[0])
+
+    def key(self) -> str:
+        digest = hashlib.sha256()
+        for arr in (self.layers, self.indices, self.mul, self.add):
+            digest.update(np.ascontiguousarray(arr).tobytes())
+        return digest.hexdigest()[:24]
+
+    def to_wire(self) -> dict[str, list]:
+        return {"l": self.layers.tolist(), "i": self.indices.tolist(),
+                "m": self.mul.tolist(), "a": self.add.tolist()}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, list]) -> "SparseMask":
+        return cls(np.asarray(wire["l"], np.int32), np.asarray(wire["i"], np.int32),
+                   np.asarray(wire["m"], np.float32), np.asarray(wire["a"], np.float32))
+
+    @classmethod
+    def empty(cls) -> "SparseMask":
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+
+
+@dataclass(frozen=True)
+class CompiledSteering:
+    """A spec resolved against the registry and model shape: one mask per position kind."""
+
+    prompt: SparseMask
+    generated: SparseMask
+    applied: list[dict[str, Any]] = field(default_factory=list)  # what a response reports
+
+    @property
+    def is_identity(self) -> bool:
+        return self.prompt.size == 0 and self.generated.size == 0
+
+    def mask(self, kind: PositionKind) -> SparseMask:
+        return self.prompt if kind == "prompt" else self.generated
+
+    def cache_salt(self) -> str:
+        """Prefix-cache salt: KV blocks computed under one spec are never reused by another."""
+        return "kn-steer:" + hashlib.sha256(
+            (self.prompt.key() + "/" + self.generated.key()).encode()
+        ).hexdigest()[:32]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"prompt": self.prompt.to_wire(), "generated": self.generated.to_wire(),
+                "applied": self.applied}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> "CompiledSteering":
+        return cls(SparseMask.from_wire(wire["prompt"]), SparseMask.from_wire(wire["generated"]),
+                   list(wire.get("applied", [])))
+
+
+def _targets(iv: Intervention, where: str, sets: Mapping[str, NeuronSet], shape: ModelShape):
+    """(layer, index, per-neuron factor, per-neuron value) for one intervention, validated."""
+    if iv.set is not None:
+        if iv.set not in sets:
+            known = ", ".join(sorted(sets)) or "none loaded"
+            raise SpecError(f"{where}.set: unknown neuron set {iv.set!r} (known: {known})")
+        ns = sets[iv.set]
+        return [(n.layer, n.index, n.factor, n.value) for n in ns.neurons], ns
+    rows = []
+    for k, (layer, index) in enumerate(iv.neurons or []):
+        if not 0 <= layer < shape.num_layers:
+            raise SpecError(f"{where}.neurons[{k}]: layer {layer} out of range 0..{shape.num_layers - 1}")
+        if not 0 <= index < shape.intermediate_size:
+            raise SpecError(
+                f"{where}.neurons[{k}]: index {index} out of range 0..{shape.intermediate_size - 1}"
+            )
+        rows.append((layer, index, None, None))
+    return rows, None
+
+
+def compile_spec(
+    spec: SteeringSpec | Mapping[str, Any] | str,
+    sets: Mapping[str, NeuronSet],
+    shape: ModelShape,
+    max_neurons: int = DEFAULT_MAX_NEURONS,
+    where: str = "kn_steer",
+) -> CompiledSteering:
+    """Resolve names, check ranges and limits, and fold interventions into two sparse masks."""
+    spec = parse_spec(spec, where)
+    if spec.experiment is not None:
+        raise SpecError(f"{where}.experiment: experiments are resolved by the A/B layer, not here")
+    state: dict[PositionKind, dict[tuple[int, int], tuple[float, float, bool]]] = {k: {} for k in POSITION_KINDS}
+    applied: list[dict[str, Any]] = []
+    total = 0
+    for n_iv, iv in enumerate(spec.interventions):
+        loc = f"{where}.interventions[{n_iv}]"
+        rows, ns = _targets(iv, loc, sets, shape)
+        if iv.layers is not None:
+            bad = [l for l in iv.layers if not 0 <= l < shape.num_layers]
+            if bad:
+                raise SpecError(f"{loc}.layers: {bad} out of range 0..{shape.num_layers - 1}")
+            keep = set(iv.layers)
+            rows = [r for r in rows if r[0] in keep]
+        op = iv.op or (ns.operation.op if ns is not None else None)
+        total += len(rows)
+        if total > max_neurons:
+            raise SpecError(f"{where}: {total} neurons requested, more than the maximum of {max_neurons}")
+        kinds = POSITION_KINDS if iv.positions == "all" else (iv.positions,)
+        for layer, index, n_factor, n_value in rows:
+            if op == "scale":
+                f = iv.factor if iv.factor is not None else (
+                    n_factor if n_factor is not None else (ns.operation.factor if ns and ns.operation.op == "scale" else None))
+                if f is None:
+                    raise SpecError(f"{loc}.factor: op 'scale' on set {iv.set!r} needs a factor")
+                for kind in kinds:
+                    mul, add, clamped = state[kind].get((layer, index), (1.0, 0.0, False))
+                    state[kind][(layer, index)] = (mul, add, True) if clamped else (mul * f, 0.0, False)
+            else:
+                v = iv.value if iv.value is not None else (
+                    n_value if n_value is not None else (ns.operation.value if ns and ns.operation.op == "clamp" else None))
+                if v is None:
+                    raise SpecError(f"{loc}.value: op 'clamp' on set {iv.set!r} needs a value")
+                for kind in kinds:
+                    state[kind][(layer, index)] = (0.0, v, True)
+        applied.append({
+            "set": iv.set, "neurons": len(rows), "op": op,
+            "factor": iv.factor if op == "scale" else None,
+            "value": iv.value if op == "clamp" else None, "positions": iv.positions,
+        })
+
+    def to_mask(entries: dict[tuple[int, int], tuple[float, float, bool]]) -> SparseMask:
+        # Neurons left at exactly (1, 0) are identities: drop them so they cost nothing.
+        items = sorted((k, v) for k, v in entries.items() if not (v[0] == 1.0 and v[1] == 0.0 and not v[2]))
+        if not items:
+            return SparseMask.empty()
+        keys = np.asarray([k for k, _ in items], np.int32)
+        vals = np.asarray([(v[0], v[1]) for _, v in items], np.float32)
+        return SparseMask(keys[:, 0].copy(), keys[:, 1].copy(), vals[:, 0].copy(), vals[:, 1].copy())
+
+    return CompiledSteering(to_mask(state["prompt"]), to_mask(state["generated"]), applied)
+
+
+def dense_mask(mask: SparseMask, shape: ModelShape, dtype=None, device=None):
+    """(mul, add) as dense ``[layers, intermediate]`` tensors (identity where untouched)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    mul = torch.ones(shape.num_layers, shape.intermediate_size, dtype=dtype, device=device)
+    add = torch.zeros(shape.num_layers, shape.intermediate_size, dtype=dtype, device=device)
+    if mask.size:
+        l = torch.as_tensor(mask.layers, dtype=torch.long, device=device)
+        i = torch.as_tensor(mask.indices, dtype=torch.long, device=device)
+        mul[l, i] = torch.as_tensor(mask.mul, device=device).to(dtype)
+        add[l, i] = torch.as_tensor(mask.add, device=device).to(dtype)
+    return mul, add
