@@ -31,6 +31,9 @@ class FamilyAdapter:
     in_proj: str  # path inside a layer of the projection whose rows *read* the residual stream
     conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     serving: bool = False  # the vLLM plugin is tested on this family
+    # paths from the CausalLM object of the modules between the last decoder layer and the LM head,
+    # applied in order (a missing/None module is skipped, e.g. OPT's project_out when unused)
+    final_modules: tuple[str, ...] = ()
 
     def num_layers(self, config: Any) -> int:
         return int(_first_attr(config, ("num_hidden_layers", "n_layer", "num_layers")))
@@ -52,7 +55,10 @@ def _first_attr(obj: Any, names: tuple[str, ...], default: Any = ...) -> Any:
     return default
 
 
-_LLAMA_LIKE = dict(gated=True, layers_path="model.layers", out_proj="mlp.down_proj", in_proj="mlp.up_proj")
+_LLAMA_LIKE = dict(
+    gated=True, layers_path="model.layers", out_proj="mlp.down_proj", in_proj="mlp.up_proj",
+    final_modules=("model.norm",),
+)
 
 ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("llama", ("LlamaForCausalLM",), ("llama",), serving=True, **_LLAMA_LIKE),
@@ -67,15 +73,17 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     ),
     FamilyAdapter(
         "gpt2", ("GPT2LMHeadModel",), ("gpt2",), gated=False, layers_path="transformer.h",
-        out_proj="mlp.c_proj", in_proj="mlp.c_fc", conv1d=True,
+        out_proj="mlp.c_proj", in_proj="mlp.c_fc", conv1d=True, final_modules=("transformer.ln_f",),
     ),
     FamilyAdapter(
         "opt", ("OPTForCausalLM",), ("opt",), gated=False, layers_path="model.decoder.layers",
         out_proj="fc2", in_proj="fc1",
+        final_modules=("model.decoder.final_layer_norm", "model.decoder.project_out"),
     ),
     FamilyAdapter(
         "gpt_neox", ("GPTNeoXForCausalLM",), ("gpt_neox",), gated=False,
         layers_path="gpt_neox.layers", out_proj="mlp.dense_4h_to_h", in_proj="mlp.dense_h_to_4h",
+        final_modules=("gpt_neox.final_layer_norm",),
     ),
 )
 
@@ -138,6 +146,20 @@ def neuron_module_names(config: Any, num_layers: int | None = None) -> list[str]
     adapter = adapter_for_config(config)
     n = num_layers if num_layers is not None else adapter.num_layers(config)
     return [f"{adapter.layers_path}.{i}.{adapter.out_proj}" for i in range(n)]
+
+
+def final_modules(model: nn.Module, adapter: FamilyAdapter | None = None) -> list[nn.Module]:
+    """The modules applied after the last decoder layer and before the LM head, in order."""
+    adapter = adapter or adapter_for_config(model.config)
+    found = []
+    for path in adapter.final_modules:
+        try:
+            module = get_path(model, path)
+        except AttributeError:
+            module = None
+        if module is not None:
+            found.append(module)
+    return found
 
 
 def read_vectors(model: nn.Module, layer: int, adapter: FamilyAdapter | None = None) -> torch.Tensor:

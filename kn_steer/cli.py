@@ -25,7 +25,7 @@ for _name in _AREAS:
     try:
         _module = importlib.import_module(_name)
     except ModuleNotFoundError as _exc:  # an area not built yet
-        if _exc.name != _name:
+        if _exc.name is None or not (_name == _exc.name or _name.startswith(_exc.name + ".")):
             raise
         continue
     _module.register(app)

@@ -1,0 +1,239 @@
+"""Relation-specific neurons: neurons whose last-token activation singles out one relation.
+
+Following the relation-specific neuron analysis of Liu et al. (2024), each MLP neuron is scored,
+per relation ``r``, by the **average precision** of its activation at the last prompt token as a
+detector of "this prompt asks for relation r" against prompts of the other relations. The top-N
+neurons by AP form the set; deactivating them (clamp to 0) should hurt ``r``'s facts much more
+than other relations' facts.
+
+Everything is batched: one forward per batch of prompts collects the activations of all layers
+at once (pre-hooks on the adapter's neuron modules), and AP is computed for every neuron at once
+from one sort per neuron column.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from kn_steer.adapters import ModelShape, adapter_for_config, neuron_modules
+from kn_steer.errors import KnSteerError
+
+# ---------------------------------------------------------------------------------------------
+# Batched scoring of prompts
+
+
+def _batches(order: Sequence[int], size: int):
+    for start in range(0, len(order), size):
+        yield list(order[start:start + size])
+
+
+def _encode_left_padded(tokenizer: Any, prompts: Sequence[str], device: torch.device):
+    """Left-padded ids, attention mask and position ids (so padding changes nothing)."""
+    rows = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not row:
+            raise KnSteerError(f"prompt {prompts[i]!r} tokenizes to nothing")
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device), width
+
+
+def first_target_token(tokenizer: Any, target: str) -> int:
+    ids = tokenizer(target, add_special_tokens=False).input_ids
+    if not ids:
+        raise KnSteerError(f"target {target!r} tokenizes to nothing")
+    return int(ids[0])
+
+
+@dataclass
+class PromptScores:
+    """Per prompt: probability of the target's first token, its rank, and the argmax token."""
+
+    prob: torch.Tensor  # [N] float
+    rank: torch.Tensor  # [N] long, 0 = argmax
+    argmax: torch.Tensor  # [N] long
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.rank == 0
+
+
+@torch.no_grad()
+def score_prompts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    compiled: Any = None,
+    batch_size: int = 64,
+) -> PromptScores:
+    """Next-token scores of each target's first token after each prompt, optionally steered.
+
+    ``compiled`` is a :class:`kn_steer.spec.CompiledSteering` applied with the transformers
+    reference intervention (:func:`kn_steer.reference.steer`).
+    """
+    from kn_steer.reference import steer
+
+    if len(prompts) != len(targets):
+        raise ValueError("prompts and targets differ in length")
+    device = next(model.parameters()).device
+    target_ids = torch.tensor([first_target_token(tokenizer, t) for t in targets], device=device)
+    n = len(prompts)
+    prob = torch.empty(n, device=device)
+    rank = torch.empty(n, dtype=torch.long, device=device)
+    argmax = torch.empty(n, dtype=torch.long, device=device)
+    order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    for idx in _batches(order, batch_size):
+        ids, mask, pos, width = _encode_left_padded(tokenizer, [prompts[i] for i in idx], device)
+        context = steer(model, compiled, width) if compiled is not None else _null()
+        with context:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        sel = torch.tensor(idx, device=device)
+        tgt = target_ids[sel]
+        tgt_logit = logits.gather(1, tgt[:, None])
+        prob[sel] = torch.softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
+        rank[sel] = (logits > tgt_logit).sum(-1)
+        argmax[sel] = logits.argmax(-1)
+    return PromptScores(prob.cpu(), rank.cpu(), argmax.cpu())
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations and average precision
+
+
+@torch.no_grad()
+def last_token_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    batch_size: int = 32,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """[N, layers * intermediate]: every neuron's activation at each prompt's last token.
+
+    One forward per batch; pre-hooks on all layers' neuron modules copy the last position.
+    """
+    adapter = adapter_for_config(model.config)
+    shape = ModelShape.from_config(model.config)
+    modules = neuron_modules(model, adapter)
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), shape.num_layers, shape.intermediate_size, dtype=dtype)
+    current: dict[str, Any] = {}
+
+    def make_hook(layer: int):
+        def hook(_module, args):
+            current["acts"][:, layer] = args[0][:, -1].to(dtype).cpu()
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(l)) for l, m in enumerate(modules)]
+    try:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for idx in _batches(order, batch_size):
+            ids, mask, pos, _ = _encode_left_padded(tokenizer, [prompts[i] for i in idx], device)
+            current["acts"] = torch.empty(len(idx), shape.num_layers, shape.intermediate_size, dtype=dtype)
+            # Only the layers are needed; the LM head on the last position is cheap anyway.
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+            out[torch.tensor(idx)] = current["acts"]
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out.reshape(len(prompts), -1)
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """AP of every column of ``scores`` [N, K] as a detector of ``labels`` [N] (bool), [K].
+
+    Same definition as scikit-learn's ``average_precision_score``: the sum over score thresholds
+    of (recall step) x (precision at that threshold). Tied scores form one threshold, so each
+    positive counts the precision at the end of its tie group. Columns are done ``chunk`` at a
+    time to bound memory.
+    """
+    labels = labels.to(torch.bool).reshape(-1)
+    n, k = scores.shape
+    if labels.numel() != n:
+        raise ValueError(f"labels have {labels.numel()} rows, scores {n}")
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        raise ValueError("average precision needs at least one positive")
+    out = torch.empty(k, dtype=torch.float64)
+    counts = torch.arange(1, n + 1, dtype=torch.float64)[:, None]
+    for start in range(0, k, chunk):
+        block = scores[:, start:start + chunk].to(torch.float64)
+        sorted_scores, order = torch.sort(block, dim=0, descending=True, stable=True)
+        pos = labels[order].to(torch.float64)  # [N, C] labels in descending score order
+        precision = pos.cumsum(0) / counts
+        # End of each tie group: the next row whose score differs (or the last row).
+        is_end = torch.ones_like(sorted_scores, dtype=torch.bool)
+        is_end[:-1] = sorted_scores[:-1] != sorted_scores[1:]
+        rows = torch.arange(n)[:, None].expand_as(is_end)
+        end_index = torch.where(is_end, rows, torch.full_like(rows, n))
+        end_index = end_index.flip(0).cummin(0).values.flip(0)
+        precision_at_end = precision.gather(0, end_index)
+        out[start:start + chunk] = (precision_at_end * pos).sum(0) / n_pos
+    return out
+
+
+def relation_ap(activations: torch.Tensor, labels: Sequence[str], relations: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per relation, the AP of every neuron (flat index layer * intermediate + index)."""
+    result = {}
+    for r in relations:
+        mask = torch.tensor([lab == r for lab in labels])
+        result[r] = average_precision(activations, mask)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Neuron selection helpers
+
+
+def top_neurons(ap: torch.Tensor, n: int, intermediate_size: int) -> list[tuple[int, int, float]]:
+    """(layer, index, AP) of the ``n`` best neurons, best first."""
+    values, flat = torch.topk(ap, min(n, ap.numel()))
+    return [(int(f) // intermediate_size, int(f) % intermediate_size, float(v)) for v, f in zip(values, flat)]
+
+
+def random_neurons(n: int, shape: ModelShape, seed: int, exclude: set[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """``n`` distinct neurons drawn uniformly over all layers and indices."""
+    rng = random.Random(seed)
+    total = shape.num_layers * shape.intermediate_size
+    exclude = exclude or set()
+    chosen: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    while len(chosen) < n:
+        flat = rng.randrange(total)
+        pair = (flat // shape.intermediate_size, flat % shape.intermediate_size)
+        if pair not in seen and pair not in exclude:
+            seen.add(pair)
+            chosen.append(pair)
+    return chosen
+
+
+def deactivation(neurons: Sequence[tuple[int, int]], shape: ModelShape):
+    """The compiled intervention that clamps ``neurons`` to 0 at every position."""
+    from kn_steer.spec import compile_spec
+
+    spec = {"interventions": [{"neurons": [list(p) for p in neurons], "op": "clamp", "value": 0.0}]}
+    return compile_spec(spec, {}, shape)
