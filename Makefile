@@ -7,6 +7,7 @@ STAMP   := $(VENV)/.kn-steer-installed
 VLLM_FLAVOUR ?= cpu
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
+# make serve SETS=dir VLLM_ARGS='--max-num-seqs 64': neuron-set folder and extra vllm serve flags
 
 .PHONY: install test serve bench clean-venv
 
@@ -26,7 +27,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 serve: install
-	$(BIN)/kn-steer serve --host $(HOST) --port $(PORT)
+	$(BIN)/kn-steer serve --host $(HOST) --port $(PORT) $(if $(SETS),--sets $(SETS)) $(if $(VLLM_ARGS),-- $(VLLM_ARGS))
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

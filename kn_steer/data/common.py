@@ -22,8 +22,9 @@ class ChoiceItem:
 
     ``faithful`` is the index of the context-faithful choice (the one counted as correct);
     ``trap`` the index of the memorised answer the context argues against (None when absent).
-    ``context`` and ``question`` are the two halves IRCAN needs: ``prompt`` is built from them,
-    and ``question_prompt`` is the same item with the context left out.
+    ``context`` and ``question_prompt`` are the two halves IRCAN needs: ``prompt`` is exactly
+    ``context + question_prompt`` (the context keeps its trailing separator), and
+    ``question_prompt`` alone is the item with the context left out.
     """
 
     id: str

@@ -15,8 +15,8 @@ by its total log-probability)::
     Choices: {choice 1}, {choice 2}, ..., {choice n}
     Answer:
 
-The context-free prompt (IRCAN's path start) is the same template without the first and
-second lines.
+The context-free prompt (IRCAN's path start) is the same template without the first two lines
+(``context + question_prompt == prompt``).
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ def question_block(question: str, choices: list[str]) -> str:
 
 
 def context_block(context: str) -> str:
-    """The part IRCAN calls the context: instruction and the (misleading) passage."""
-    return f"{INSTRUCTION}\nContext: {context.strip()}"
+    """The part IRCAN calls the context: instruction and the (misleading) passage, with the newline."""
+    return f"{INSTRUCTION}\nContext: {context.strip()}\n"
 
 
 def build_prompt(context: str, question: str, choices: list[str]) -> str:
-    return context_block(context) + "\n" + question_block(question, choices)
+    return context_block(context) + question_block(question, choices)
 
 
 def _letter_index(obj: dict, name: str, n: int, path: Path, line: int) -> int:

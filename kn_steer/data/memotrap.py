@@ -5,8 +5,9 @@ Each line: ``prompt`` (an instruction, ``": "``, then the start of a famous quot
 accepted too) and ``answer_index`` (the continuation that obeys the instruction). The other
 continuation is the memorised ending of the quote: the trap.
 
-For IRCAN the context is the instruction before the last ``": "`` and the context-free prompt is
-the quote after it; the full prompt is ``context + ": " + quote``, exactly the published text.
+For IRCAN the context is the instruction before the last ``": "`` (kept with that separator, so
+``context + question_prompt`` is exactly the published prompt) and the context-free prompt is the
+quote after it.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def load_memotrap(path: str | Path) -> list[ChoiceItem]:
             raise DataError(f"{path}:{line}: field 'answer_index' is {answer}, outside 0..{len(classes) - 1}")
         if SEPARATOR not in prompt:
             raise DataError(f"{path}:{line}: field 'prompt' has no {SEPARATOR!r} between instruction and quote")
-        context, question = prompt.rsplit(SEPARATOR, 1)
-        if not context.strip() or not question.strip():
+        cut = prompt.rindex(SEPARATOR) + len(SEPARATOR)
+        context, question = prompt[:cut], prompt[cut:]
+        if not context[:-len(SEPARATOR)].strip() or not question.strip():
             raise DataError(f"{path}:{line}: field 'prompt' needs text on both sides of the last {SEPARATOR!r}")
         trap = 1 - answer if len(classes) == 2 else None
         items.append(ChoiceItem(

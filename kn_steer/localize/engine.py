@@ -112,11 +112,14 @@ class _Injector:
         self.plan: dict[int, tuple[torch.Tensor, bool]] = {}
         self.clean: dict[int, torch.Tensor] = {}
         self.record_position: int | None = None
+        self.rows = 1  # batch rows of the current call
         self.handles = [m.register_forward_pre_hook(self._hook(j)) for j, m in enumerate(parts.neurons)]
 
     def _hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple) -> tuple | None:
-            x = args[0]
+            flat = args[0]
+            # some families (OPT) flatten [rows, T, I] to [rows * T, I] inside the MLP
+            x = flat if flat.dim() == 3 else flat.view(self.rows, -1, flat.shape[-1])
             if self.record_position is not None:
                 self.clean[layer] = x[0, self.record_position].detach().clone()
             if layer not in self.plan:
@@ -128,7 +131,8 @@ class _Injector:
                 c = values.shape[0]
                 keep = x[:-c, :1]
                 first = torch.cat([keep, values[:, None, :].to(x.dtype)], dim=0)
-            return (torch.cat([first, x[:, 1:]], dim=1), *args[1:])
+            x = torch.cat([first, x[:, 1:]], dim=1)
+            return (x.view(flat.shape), *args[1:])
 
         return hook
 
@@ -166,9 +170,10 @@ def _hidden_of(call: tuple[tuple, dict]) -> torch.Tensor:
 class _TailRunner:
     """Calls decoder layer ``j`` on a batch of tail rows, as the clean run did, over the prefix."""
 
-    def __init__(self, parts: _Parts, calls: list[tuple[tuple, dict]], cache: Any | None) -> None:
+    def __init__(self, parts: _Parts, injector: _Injector, cache: Any | None) -> None:
         self.parts = parts
-        self.calls = calls
+        self.injector = injector
+        self.calls: list[tuple[tuple, dict]] = []
         self.cache = cache
         # the prefix keys/values per layer, before the tail run appended to them
         self.prefix_layers = None if cache is None else [copy.copy(layer) for layer in cache.layers]
@@ -197,7 +202,11 @@ class _TailRunner:
         kwargs = {k: swap(v) for k, v in kwargs.items()}
         if not args:
             kwargs["hidden_states"] = hidden
-        out = self.parts.layers[j](*args, **kwargs)
+        self.injector.rows = hidden.shape[0]
+        try:
+            out = self.parts.layers[j](*args, **kwargs)
+        finally:
+            self.injector.rows = 1
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -261,7 +270,7 @@ def attribute_ids(
             if prompt.shape[1] > 1:
                 injector.record_position = None
                 cache = model(prompt[:, :-1], use_cache=True).past_key_values
-            runner = _TailRunner(parts, [], cache)  # snapshots the prefix keys/values
+            runner = _TailRunner(parts, injector, cache)  # snapshots the prefix keys/values
             capture = _Capture(parts)
             injector.record_position = 0
             out = model(tail_ids, past_key_values=cache, use_cache=cache is not None)

@@ -13,16 +13,19 @@ from one sort per neuron column.
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kn_steer.adapters import ModelShape, adapter_for_config, neuron_modules
-from kn_steer.errors import KnSteerError
+from kn_steer.errors import DataError, KnSteerError
 
 # ---------------------------------------------------------------------------------------------
 # Batched scoring of prompts
@@ -237,3 +240,155 @@ def deactivation(neurons: Sequence[tuple[int, int]], shape: ModelShape):
 
     spec = {"interventions": [{"neurons": [list(p) for p in neurons], "op": "clamp", "value": 0.0}]}
     return compile_spec(spec, {}, shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus: labelled prompts of PARAREL relations, with a fixed train/test split of facts
+
+#: Defaults of the corpus the ``relation`` method (and ``kn-steer localize``) localizes on.
+FACTS_PER_RELATION = 30
+PROMPTS_PER_FACT = 4
+
+
+def fact_split(relation: str, fact_id: str) -> str:
+    """``train`` or ``test``: a stable hash split (half and half), the same in every script."""
+    digest = hashlib.sha256(f"{relation}:{fact_id}".encode("utf-8")).digest()
+    return "train" if digest[0] % 2 == 0 else "test"
+
+
+def _fact_order(relation: str, fact_id: str) -> bytes:
+    return hashlib.sha256(f"order:{relation}:{fact_id}".encode("utf-8")).digest()
+
+
+@dataclass(frozen=True)
+class LabelledPrompt:
+    relation: str
+    prompt: str
+    target: str
+    fact: str  # fact key, so all prompts of one fact can be grouped
+
+
+def relation_prompts(
+    relations: Mapping[str, Any],
+    split: str | None = "train",
+    facts_per_relation: int | None = FACTS_PER_RELATION,
+    prompts_per_fact: int | None = PROMPTS_PER_FACT,
+) -> list[LabelledPrompt]:
+    """Prompts of each relation's facts in ``split`` (None: all), in a stable hashed order.
+
+    ``relations`` maps ids to :class:`kn_steer.data.pararel.Relation`. Fact ``k`` of a relation
+    uses ``prompts_per_fact`` of its usable patterns starting at pattern ``k mod P``, so every
+    pattern is represented even when a fact gets fewer prompts than there are patterns.
+    """
+    out: list[LabelledPrompt] = []
+    for rid, rel in relations.items():
+        prefixes = rel.prefixes
+        if not prefixes:
+            continue
+        facts = [f for f in rel.facts if split is None or fact_split(rid, f.uuid or f.subject) == split]
+        facts.sort(key=lambda f: _fact_order(rid, f.uuid or f.subject))
+        if facts_per_relation is not None:
+            facts = facts[:facts_per_relation]
+        per_fact = len(prefixes) if prompts_per_fact is None else min(prompts_per_fact, len(prefixes))
+        for k, fact in enumerate(facts):
+            example = rel.prompts_for(fact)
+            for j in range(per_fact):
+                prompt = example.prompts[(k + j) % len(prefixes)]
+                out.append(LabelledPrompt(rid, prompt, example.target, example.key))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The ``relation`` method in the localization registry
+
+
+class RelationCorpus(BaseModel):
+    """All labelled training prompts as ONE example: AP needs every relation's prompts at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = "corpus"
+    target: str  # a real target, so the runner's target check has something to tokenize
+    prompts: list[str] = Field(min_length=1)
+    relations: list[str]
+    source: str = ""
+
+    def key_text(self) -> str:
+        return json.dumps(self.model_dump(exclude={"source"}), sort_keys=True, ensure_ascii=False)
+
+
+def load_corpus(path: str | Path, limit: int | None = None) -> list[RelationCorpus]:
+    """The training corpus of a PARAREL folder (every relation with a usable pattern)."""
+    from kn_steer.data.pararel import load_pararel
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: the relation method reads a PARAREL folder (patterns/ and facts/)")
+    items = relation_prompts(load_pararel(path))
+    if not items:
+        raise DataError(f"{path}: no usable PARAREL prompts")
+    corpus = RelationCorpus(
+        target=items[0].target, prompts=[i.prompt for i in items],
+        relations=[i.relation for i in items], source=str(path),
+    )
+    return [corpus]
+
+
+class RelationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    relation: str = Field(description="the relation whose neurons to find, e.g. P36")
+    count: int = Field(100, ge=1, description="neurons in the set: the top N by average precision")
+    keep: int = Field(2000, ge=1, description="neurons stored per run, so N up to this re-selects")
+    value: float = Field(0.0, description="default operation: clamp to this value (deactivate)")
+    batch_size: int = Field(32, ge=1)
+
+
+def relation_score_corpus(ctx: Any, corpus: RelationCorpus, params: RelationParams) -> Any:
+    from kn_steer.localize.methods import ExampleResult, ScoredNeuron
+
+    if params.relation not in set(corpus.relations):
+        known = ", ".join(sorted(set(corpus.relations)))
+        raise KnSteerError(f"relation {params.relation!r} has no prompts in {corpus.source} (have: {known})")
+    shape = ModelShape.from_config(ctx.model.config)
+    acts = last_token_activations(ctx.model, ctx.tokenizer, corpus.prompts, params.batch_size)
+    labels = torch.tensor([r == params.relation for r in corpus.relations])
+    ap = average_precision(acts, labels)
+    top = top_neurons(ap, max(params.keep, params.count), shape.intermediate_size)
+    return ExampleResult(
+        neurons=[ScoredNeuron(layer=l, index=i, score=s) for l, i, s in top],
+        info={"prompts": len(corpus.prompts), "positives": int(labels.sum()),
+              "relations": len(set(corpus.relations)), "prevalence": float(labels.float().mean())},
+    )
+
+
+def relation_select(results: list[Any], params: RelationParams) -> Any:
+    from kn_steer.localize.methods import Selection
+    from kn_steer.neuron_set import Neuron, Operation
+
+    (result,) = results
+    chosen = result.neurons[: params.count]
+    return Selection(
+        neurons=[Neuron(layer=n.layer, index=n.index, score=n.score) for n in chosen],
+        operation=Operation(op="clamp", value=params.value),
+        metrics={"relation": params.relation, **result.info,
+                 "ap_max": chosen[0].score if chosen else None,
+                 "ap_min": chosen[-1].score if chosen else None},
+    )
+
+
+def _register() -> None:
+    from kn_steer.localize.methods import MethodSpec, register_method
+
+    class _CorpusMethod(MethodSpec):
+        def load_examples(self, path: str | Path, limit: int | None = None) -> list[Any]:
+            return load_corpus(path, limit)
+
+    register_method(_CorpusMethod(
+        name="relation", description="relation-specific neurons (average precision)",
+        params_model=RelationParams, example_model=RelationCorpus,
+        score_example=relation_score_corpus, select=relation_select,
+        checkpoint_params=("relation", "keep", "batch_size"),
+    ))
+
+
+_register()

@@ -1,0 +1,324 @@
+"""Serving overhead of the kn-steer vLLM plugin: offline throughput against plain vLLM.
+
+One workload (default: 64 requests of 128 random prompt tokens, 64 generated tokens, greedy,
+``ignore_eos``, float32, the default model, vLLM's default compilation mode) under
+
+* (a) ``plain``: vLLM without the plugin (``VLLM_PLUGINS=""`` in that engine's processes);
+* (b) ``idle``: plugin loaded, no request steered;
+* (c) ``steered``: every request steered by one spec (500 neurons over all layers, scale 2);
+* (d) ``mixed``: 8 distinct specs of 100..1500 neurons over all layers, plus unsteered requests;
+
+and the scaling sweeps (all requests steered): distinct specs per batch (1, 4, 16, 64; 500
+neurons each) and neurons per spec (10 .. every neuron of every layer, one spec).
+
+How it compares on a shared, noisy machine: each *session* starts two engines, each in a fresh
+process of its own, one without the plugin and one with it (and, with ``--with-hf``, a
+transformers process with forward pre-hooks, see ``bench_hf_hooks.py``). All stay up together; the
+parent runs the workloads on them one after the other in a rotated order, repetition by
+repetition, and pairs the ratios within a repetition. Configurations (b), (c), (d) and the sweeps
+differ only in the requests, so they share the plugin engine. Every workload run uses fresh
+prompts (no prefix-cache hits), the same ones for (a) and (b). Each engine finally checks that
+steering really is on (plugin) or off (plain): clamping every neuron to 0 must change the greedy
+tokens with the plugin and must not without it.
+
+    .venv/bin/python benchmarks/bench_serving.py                 # full run (~15-25 min on 2 cores)
+    .venv/bin/python benchmarks/bench_serving.py --quick         # 1 session, 1 repetition, small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+HF_SCRIPT = SCRIPT.parent / "bench_hf_hooks.py"
+TARGETS = {"idle": 0.99, "steered": 0.97, "mixed": 0.97}
+CORE = {  # name: (engine, workload, seed slot, label)
+    "plain": ("plain", {"kind": "unsteered"}, 0, "(a) plain vLLM, no plugin"),
+    "idle": ("plugin", {"kind": "unsteered"}, 0, "(b) plugin loaded, no steering"),
+    "steered": ("plugin", {"kind": "uniform", "distinct": 1, "neurons": common.STEERED_NEURONS}, 1,
+                f"(c) all steered, 1 spec x {common.STEERED_NEURONS} neurons"),
+    "mixed": ("plugin", {"kind": "mixed"}, 2, "(d) mixed: 8 specs x 100..1500 neurons + 1/9 unsteered"),
+}
+HF = ("hf", {"kind": "uniform", "distinct": 1, "neurons": common.STEERED_NEURONS}, 1,
+      "transformers generate + pre-hooks, batch 16, steered as (c)")
+
+
+def sweeps() -> dict[str, tuple[str, dict[str, Any], int]]:
+    """Scaling workloads (all on the plugin engine). specs=1 and neurons=500 are (c) itself."""
+    out: dict[str, tuple[str, dict[str, Any], int]] = {}
+    slot = 3
+    for n in (4, 16, 64):
+        out[f"specs={n}"] = ("plugin", {"kind": "uniform", "distinct": n, "neurons": common.STEERED_NEURONS}, slot)
+        slot += 1
+    for k in (10, 100, 1000, 10000, "all"):
+        out[f"neurons={k}"] = ("plugin", {"kind": "uniform", "distinct": 1, "neurons": k}, slot)
+        slot += 1
+    return out
+
+
+# ---------------------------------------------------------------- worker (one engine process)
+
+
+def worker(role_json: str, result_fd: str) -> None:
+    """One vLLM engine in this process; answers ``warm``/``run``/``check`` commands."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    role = json.loads(role_json)
+    shape = role["shape"]
+    t0 = time.perf_counter()
+    llm = LLM(model=role["model"]["path"], dtype="float32", seed=0, enforce_eager=role["enforce_eager"])
+    startup_s = time.perf_counter() - t0
+
+    def params(spec: dict | None, max_tokens: int) -> SamplingParams:
+        extra = {"kn_steer": spec} if spec is not None else None
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
+
+    def generate(prompts: list[list[int]], specs: list[dict | None], max_tokens: int):
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        sampling = [params(s, max_tokens) for s in specs]
+        start = time.perf_counter()
+        outs = llm.generate(inputs, sampling, use_tqdm=False)
+        return time.perf_counter() - start, outs
+
+    def handle(cmd: dict[str, Any]) -> dict[str, Any]:
+        if cmd["op"] == "check":
+            # Clamping every neuron of every layer to 0 changes the greedy tokens iff steering is on.
+            probe = common.random_prompts(999, 1, cmd["prompt_len"], shape["vocab_size"])
+            everything = common.spread_neurons(shape["num_layers"] * shape["intermediate_size"], 0,
+                                               shape["num_layers"], shape["intermediate_size"])
+            kill = {"interventions": [{"neurons": everything, "op": "clamp", "value": 0.0}]}
+            _, base = generate(probe, [None], 12)
+            _, killed = generate(probe, [kill], 12)
+            return {"steering_effective": list(base[0].outputs[0].token_ids) != list(killed[0].outputs[0].token_ids)}
+        n_req = cmd["requests"]
+        specs = common.request_specs(cmd["workload"], n_req, shape["num_layers"], shape["intermediate_size"])
+        max_tokens = cmd["gen_len"]
+        if cmd["op"] == "warm":  # a few requests of this workload, short
+            n_req, max_tokens = min(8, n_req), 8
+            specs = specs[:n_req]
+        prompts = common.random_prompts(cmd["seed"], n_req, cmd["prompt_len"], shape["vocab_size"])
+        load = os.getloadavg()[0]
+        elapsed, outs = generate(prompts, specs, max_tokens)
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        return {"elapsed_s": round(elapsed, 4), "generated_tokens": generated,
+                "gen_tokens_per_s": generated / elapsed,
+                "total_tokens_per_s": (generated + n_req * cmd["prompt_len"]) / elapsed,
+                "steered_requests": sum(s is not None for s in specs),
+                "loadavg_1min": round((load + os.getloadavg()[0]) / 2, 2)}
+
+    common.serve_commands(result_fd, {"startup_s": round(startup_s, 2)}, handle)
+
+
+# ---------------------------------------------------------------- parent
+
+
+def engine_env(plugin: bool) -> dict[str, str | None]:
+    env: dict[str, str | None] = dict(common.ENGINE_ENV)
+    # An empty VLLM_PLUGINS list loads no general plugin; unset loads every installed one (kn_steer).
+    env["VLLM_PLUGINS"] = None if plugin else ""
+    return env
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, default=2, help="fresh engine processes (each session starts new ones)")
+    ap.add_argument("--reps", type=int, default=2, help="repetitions of the core configurations per session")
+    ap.add_argument("--scaling-reps", type=int, default=1, help="repetitions of the sweeps per session (0: none)")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--configs", default="plain,idle,steered,mixed", help="comma list of core configurations")
+    ap.add_argument("--with-hf", action="store_true",
+                    help="also run transformers generate with pre-hooks (bench_hf_hooks.py), once per session")
+    ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--hf-reps", type=int, default=1, help="repetitions per session that include the transformers run")
+    ap.add_argument("--enforce-eager", action="store_true", help="eager mode instead of the default compiled mode")
+    ap.add_argument("--quick", action="store_true", help="1 session, 1 repetition, 16 requests x 32 tokens, no sweeps")
+    ap.add_argument("--out", default="serving", help="result name under benchmarks/results/")
+    ap.add_argument("--log", default=str(common.RESULTS / "logs" / "serving.log"), help="engine logs")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sessions, args.reps, args.scaling_reps, args.requests, args.gen_len = 1, 1, 0, 16, 32
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    machine = common.machine_info()
+    model = common.default_model_info()
+    shape = {k: model[k] for k in ("num_layers", "intermediate_size", "vocab_size")}
+    core = {k: v for k, v in CORE.items() if k in args.configs.split(",")}
+    sweep = sweeps() if args.scaling_reps > 0 else {}
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    size = {"requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len}
+    runs: list[dict[str, Any]] = []  # one row per timed workload run
+    engines_info: list[dict[str, Any]] = []
+    loads: list[tuple[float, float, float]] = []
+    started = time.time()
+    for session in range(args.sessions):
+        needed = {spec[0] for spec in list(core.values()) + list(sweep.values())}
+        if args.with_hf:
+            needed.add("hf")
+        procs = start_engines(needed, model, shape, args, log)
+        try:
+            for name, proc in procs.items():
+                info = proc.wait_ready()
+                engines_info.append({"session": session, "engine": name, **info})
+                print(f"[{time.strftime('%H:%M:%S')}] session {session}: {name} ready "
+                      f"(engine start {info.get('startup_s')} s)", flush=True)
+            # Warm every engine with every workload it will time (distinct prompts, short).
+            warm_items = dict(core)
+            warm_items.update(sweep)
+            if args.with_hf:
+                warm_items["hf"] = HF[:3]
+            for name, (engine, workload, slot, *_) in warm_items.items():
+                procs[engine].call({"op": "warm", "workload": workload, "seed": 7_000_000 + slot, **size})
+            for rep in range(args.reps):
+                items = [(n, c[0], c[1], c[2]) for n, c in core.items()]
+                if rep < args.scaling_reps:
+                    items += [(n, c[0], c[1], c[2]) for n, c in sweep.items()]
+                if args.with_hf and rep < args.hf_reps:
+                    items.append(("hf", *HF[:3]))
+                for name, engine, workload, slot in common.rotated(items, rep + session * 3):
+                    loads.append(os.getloadavg())
+                    seed = 1_000_000 * (session + 1) + 1000 * rep + slot
+                    res = procs[engine].call({"op": "run", "workload": workload, "seed": seed, **size})
+                    runs.append({"config": name, "session": session, "rep": rep, **res})
+                    print(f"[{time.strftime('%H:%M:%S')}] s{session} r{rep} {name:14s} "
+                          f"{res['gen_tokens_per_s']:7.1f} tok/s  ({res['elapsed_s']:.1f} s, load {res['loadavg_1min']})",
+                          flush=True)
+            for name, proc in procs.items():
+                if name != "hf":
+                    check = proc.call({"op": "check", **size})
+                    engines_info.append({"session": session, "engine": name, "check": True, **check})
+                    print(f"[{time.strftime('%H:%M:%S')}] session {session}: {name} steering effective: "
+                          f"{check['steering_effective']}", flush=True)
+        finally:
+            for proc in procs.values():
+                proc.close()
+    report = build_report(args, machine, model, core, sweep, runs, engines_info, loads, time.time() - started)
+    common.write_result(args.out, report)
+    print_report(report)
+    return report
+
+
+def start_engines(needed: set[str], model, shape, args, log: Path) -> dict[str, common.WorkerProcess]:
+    """Start the engines of one session side by side (each in its own fresh process)."""
+    procs: dict[str, common.WorkerProcess] = {}
+    base = {"model": model, "shape": shape, "enforce_eager": args.enforce_eager}
+    for name in ("plain", "plugin", "hf"):
+        if name not in needed:
+            continue
+        if name == "hf":
+            procs[name] = common.WorkerProcess(HF_SCRIPT, {**base, "name": "hf", "batch": args.hf_batch},
+                                               env={"VLLM_PLUGINS": None}, log=log)
+        else:
+            procs[name] = common.WorkerProcess(SCRIPT, {**base, "name": name},
+                                               env=engine_env(name == "plugin"), log=log)
+    return procs
+
+
+def paired(runs: list[dict[str, Any]], num: str, den: str) -> dict[str, Any]:
+    """Ratios of ``num`` to ``den`` throughput, paired by (session, repetition)."""
+    by_key = {(r["session"], r["rep"]): r["gen_tokens_per_s"] for r in runs if r["config"] == den}
+    pairs = [(r["gen_tokens_per_s"], by_key[(r["session"], r["rep"])]) for r in runs
+             if r["config"] == num and (r["session"], r["rep"]) in by_key]
+    return common.ratio_stats([a for a, _ in pairs], [b for _, b in pairs])
+
+
+def build_report(args, machine, model, core, sweep, runs, engines_info, loads, wall) -> dict[str, Any]:
+    def tps(name: str) -> list[float]:
+        return [r["gen_tokens_per_s"] for r in runs if r["config"] == name]
+
+    out_core: dict[str, Any] = {}
+    for name, (engine, workload, _, label) in core.items():
+        entry: dict[str, Any] = {"label": label, "engine": engine, "workload": workload,
+                                 "gen_tokens_per_s": common.summarize(tps(name)),
+                                 "per_run": [round(v, 1) for v in tps(name)]}
+        if name != "plain" and "plain" in core:
+            entry["ratio_to_plain"] = paired(runs, name, "plain")
+            if name in TARGETS:
+                entry["target"] = TARGETS[name]
+                entry["meets_target"] = entry["ratio_to_plain"]["median"] >= TARGETS[name]
+        if name in ("steered", "mixed") and "idle" in core:
+            entry["ratio_to_idle_same_engine"] = paired(runs, name, "idle")
+        out_core[name] = entry
+    scaling: dict[str, Any] = {}
+    if sweep:
+        rows = {"specs=1 (= c)": "steered", "neurons=500 (= c)": "steered", **{k: k for k in sweep}}
+        order = ["specs=1 (= c)", "specs=4", "specs=16", "specs=64", "neurons=10", "neurons=100",
+                 "neurons=500 (= c)", "neurons=1000", "neurons=10000", "neurons=all"]
+        for label in order:
+            name = rows[label]
+            # The sweeps ran in the first --scaling-reps repetitions; pair (c) over those only.
+            sel = [r for r in runs if r["config"] in (name, "idle", "plain") and r["rep"] < args.scaling_reps]
+            scaling[label] = {"gen_tokens_per_s": common.summarize(r["gen_tokens_per_s"] for r in sel if r["config"] == name),
+                              "ratio_to_idle_same_engine": paired(sel, name, "idle"),
+                              "ratio_to_plain": paired(sel, name, "plain")}
+    hf = None
+    if args.with_hf:
+        hf = {"label": HF[3], "batch": args.hf_batch, "gen_tokens_per_s": common.summarize(tps("hf")),
+              "per_run": [round(v, 1) for v in tps("hf")],
+              "ratio_to_vllm_steered": paired(runs, "hf", "steered"),
+              "ratio_to_plain": paired(runs, "hf", "plain")}
+    checks = [e for e in engines_info if e.get("check")]
+    checks_ok = all(e["steering_effective"] == (e["engine"] == "plugin") for e in checks)
+    return {
+        "benchmark": "serving", "machine": common.finish_machine(machine, loads), "model": model,
+        "settings": {"requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+                     "sessions": args.sessions, "reps": args.reps, "scaling_reps": args.scaling_reps,
+                     "dtype": "float32", "greedy": True, "ignore_eos": True,
+                     "compilation": "enforce_eager" if args.enforce_eager else "default (compiled)",
+                     "engine_env": common.ENGINE_ENV, "plain_engine_env": {"VLLM_PLUGINS": ""}},
+        "wall_s": round(wall, 1), "steering_checks_ok": checks_ok,
+        "core": out_core, "scaling": scaling, "hf_hooks": hf, "engines": engines_info, "runs": runs,
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    def fmt_list(vals) -> str:
+        return " ".join(f"{v:.3f}" if v < 10 else f"{v:.0f}" for v in vals)
+
+    rows = []
+    for name, e in report["core"].items():
+        r = e.get("ratio_to_plain", {})
+        rows.append([e["label"], e["gen_tokens_per_s"]["median"], fmt_list(e["per_run"]), r.get("median"),
+                     fmt_list(r.get("per_round", [])), e.get("target"),
+                     {True: "yes", False: "NO"}.get(e.get("meets_target"), "-")])
+    if report.get("hf_hooks"):
+        h = report["hf_hooks"]
+        rows.append([h["label"], h["gen_tokens_per_s"].get("median"), fmt_list(h["per_run"]),
+                     h["ratio_to_plain"].get("median"), fmt_list(h["ratio_to_plain"].get("per_round", [])), None, "-"])
+    m, st = report["machine"], report["settings"]
+    common.print_table(
+        "Serving throughput (generated tokens/s) and paired ratio to plain vLLM",
+        ["configuration", "tok/s (median)", "per run", "ratio to (a)", "per-run ratios", "target", "met"],
+        rows, caption=f"{m['cpu_model']}, {m['usable_cores']} cores; {st['requests']} requests x "
+                      f"{st['prompt_len']}+{st['gen_len']} tokens; {st['compilation']}; "
+                      f"steering checks ok: {report['steering_checks_ok']}; load {m.get('loadavg_1min_during', {})}")
+    if report.get("hf_hooks"):
+        r = report["hf_hooks"]["ratio_to_vllm_steered"]
+        print(f"transformers+hooks / vLLM+plugin (c): {r.get('median')} (per run {r.get('per_round')})")
+    if report["scaling"]:
+        rows = [[name, e["gen_tokens_per_s"].get("median"), e["ratio_to_idle_same_engine"].get("median"),
+                 e["ratio_to_plain"].get("median")] for name, e in report["scaling"].items()]
+        common.print_table("Scaling (every request steered, 500 neurons per spec / 1 spec)",
+                           ["workload", "tok/s (median)", "ratio to (b) same engine", "ratio to (a)"], rows)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3])
+    else:
+        main()

