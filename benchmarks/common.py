@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` from an
 from kn_steer.fileio import atomic_write_json  # noqa: E402
 
 # Environment every vLLM engine of the benchmarks runs under (both cores for the CPU backend).
-# The KV cache is capped (the machine is shared); 2 GiB holds ~45k tokens of the default model.
-ENGINE_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+# The KV cache is capped (the machine is shared); 1 GiB holds ~23k tokens of the default model (the workload needs ~12k).
+ENGINE_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 # ---------------------------------------------------------------- workloads
@@ -177,7 +177,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, str(script), "--worker", json.dumps(role), str(write_fd)],
             env=child_env, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
-            pass_fds=(write_fd,), cwd=ROOT, text=True,
+            pass_fds=(write_fd,), cwd=ROOT, text=True, start_new_session=True,
         )
         os.close(write_fd)
         self._results = os.fdopen(read_fd, "r")
@@ -215,8 +215,9 @@ class WorkerProcess:
             raise RuntimeError(f"worker {self.name}: {answer['error']}")
         return answer
 
-    def close(self, timeout: float = 60) -> None:
-        """Ask the worker to exit; kill it (its process only) when it does not."""
+    def close(self, timeout: float = 120) -> None:
+        """Ask the worker to exit; when it does not, kill its process group (the worker and the
+        engine processes it spawned, nothing else: it runs in a session of its own)."""
         try:
             if self.proc.poll() is None and self.proc.stdin is not None:
                 self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
@@ -224,9 +225,12 @@ class WorkerProcess:
                 self.proc.stdin.close()
             self.proc.wait(timeout)
         except (OSError, subprocess.TimeoutExpired, ValueError):
-            self.proc.kill()
-            self.proc.wait(30)
+            pass
         finally:
+            # Engine processes left behind by the worker would keep cores and memory busy.
+            kill_group(self.proc.pid)
+            if self.proc.poll() is None:
+                self.proc.wait(30)
             self._results.close()
             if self._log is not subprocess.DEVNULL:
                 self._log.close()
@@ -238,8 +242,12 @@ class WorkerProcess:
         self.close()
 
 
-def serve_commands(result_fd: str, ready: Mapping[str, Any], handle) -> None:
-    """Worker side of :class:`WorkerProcess`: answer each stdin command with ``handle(cmd)``."""
+def serve_commands(result_fd: str, ready: Mapping[str, Any], handle, shutdown=None) -> None:
+    """Worker side of :class:`WorkerProcess`: answer each stdin command with ``handle(cmd)``.
+
+    ``shutdown`` (e.g. the vLLM engine's) runs before the worker exits normally, so the engine
+    processes it spawned go too.
+    """
     out = os.fdopen(int(result_fd), "w")
 
     def send(obj: Mapping[str, Any]) -> None:
@@ -259,9 +267,33 @@ def serve_commands(result_fd: str, ready: Mapping[str, Any], handle) -> None:
             traceback.print_exc()
             send({"error": f"{type(exc).__name__}: {exc}"})
     out.close()
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception:  # noqa: BLE001 - the results are already sent; the parent cleans up
+            import traceback
+
+            traceback.print_exc()
     sys.stdout.flush()
-    # vLLM engines do not always shut down cleanly; the results are already sent.
-    os._exit(0)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (e.g. from ``timeout``) into SystemExit, so ``finally`` blocks stop the engines."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def kill_group(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM then SIGKILL to the process group ``pid`` leads (a child started in its own session)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(grace)
 
 
 def rotated(items: Sequence[Any], round_index: int) -> list[Any]:

@@ -60,7 +60,6 @@ def reference_attribution(
     base = torch.zeros_like(acts) if baseline_ids is None else _last_token_activations(model, baseline_ids, -1)
     alphas = torch.arange(1, steps + 1, dtype=torch.float32, device=device)[:, None] / steps
     batch = torch.tensor([ids] * steps, device=device)
-    positions = torch.arange(last, last + len(targets), device=device)
     want = torch.tensor(targets, device=device)
     scores = []
     for layer, module in enumerate(neuron_modules(model)):
@@ -75,8 +74,9 @@ def reference_attribution(
         handle = module.register_forward_pre_hook(hook)
         try:
             with torch.enable_grad():
-                logits = model(batch, use_cache=False).logits.float()
-                probs = torch.softmax(logits[:, positions], dim=-1)  # [m, n, V]
+                # the scored positions are the last len(targets) ones: skip the others' logits
+                logits = model(batch, use_cache=False, logits_to_keep=len(targets)).logits.float()
+                probs = torch.softmax(logits, dim=-1)  # [m, n, V]
                 total = probs[:, torch.arange(len(targets)), want].sum()
                 (grad,) = torch.autograd.grad(total, leaf)
         finally:

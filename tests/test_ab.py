@@ -59,10 +59,18 @@ def test_valid_config_describes_shares():
     assert [a["share"] for a in desc["arms"]] == [0.25, 0.25, 0.5]
 
 
-def test_example_config_is_valid():
+def test_example_config_is_valid_for_the_shipped_sets(default_ref):
+    """examples/experiments.json passes the start-up check against neuron_sets/ and the default model."""
+    from transformers import AutoConfig
+
+    from kn_steer.neuron_set import model_identity
+    from kn_steer.registry import NeuronSetRegistry
+
+    config = AutoConfig.from_pretrained(default_ref.path)
+    sets = NeuronSetRegistry.load(ROOT / "neuron_sets", model_identity(default_ref, config))
     cfg = load_config(ROOT / "examples" / "experiments.json")
-    validate_specs(cfg, {}, SHAPE)
-    assert cfg.experiments
+    validate_specs(cfg, sets, ModelShape.from_config(config))
+    assert len(cfg.experiments) == 2
 
 
 @pytest.mark.parametrize("weight", [0, -1.5, "nan"])
@@ -456,10 +464,14 @@ def test_check_cli_validates_against_the_default_model(tmp_path, monkeypatch):
     from kn_steer.cli import app
 
     (tmp_path / "sets").mkdir()
-    monkeypatch.setenv("KN_STEER_NEURON_SETS", str(tmp_path / "sets"))  # empty registry: explicit neurons only
-    result = CliRunner().invoke(app, ["ab", "check", "--config", str(ROOT / "examples" / "experiments.json")])
+    result = CliRunner().invoke(app, ["ab", "check", "--config", str(ROOT / "examples" / "experiments.json"),
+                                      "--sets", str(ROOT / "neuron_sets")])
     assert result.exit_code == 0, result.output
     assert "control 50%" in result.output and result.output.strip().endswith("ok")
+    monkeypatch.setenv("KN_STEER_NEURON_SETS", str(tmp_path / "sets"))  # an empty registry
+    result = CliRunner().invoke(app, ["ab", "check", "--config", str(ROOT / "examples" / "experiments.json")])
+    assert isinstance(result.exception, KnSteerError)
+    assert "unknown neuron set 'smollm2-135m-context-memotrap'" in str(result.exception)
     raw = config_dict()
     (tmp_path / "c.json").write_text(json.dumps(raw))
     result = CliRunner().invoke(app, ["ab", "check", "--config", str(tmp_path / "c.json")])
@@ -485,3 +497,32 @@ def test_unwritable_log_refuses_to_start(tmp_path):
     (tmp_path / "a-dir").mkdir()
     with pytest.raises(KnSteerError, match=r"cannot write the A/B log .*a-dir"):
         ABService(parse_config(config_dict()), tmp_path / "a-dir")
+
+
+def test_offline_logs_are_compared_unit_by_unit(tmp_path):
+    """Offline runs score the same units in every arm: McNemar sees a small consistent gain that an
+    independent-samples test misses."""
+    from kn_steer.ab.report import build_report
+
+    rng = np.random.default_rng(11)
+    control = rng.random(600) < 0.6
+    flip = rng.random(600) < 0.06  # the treatment fixes 6% of the units and breaks none
+    treat = control | flip
+    log = AssignmentLog(tmp_path / "off.jsonl")
+    for arm, outcomes in (("control", control), ("treat", treat)):
+        for i, ok in enumerate(outcomes):
+            rid = f"{arm}-{i}"
+            log.append({"type": "assignment", "request_id": rid, "experiment": "exp1", "arm": arm,
+                        "unit": f"item-{i}", "assignment": "offline", "time": "t", "is_control": arm == "control"})
+            log.append({"type": "outcome", "request_id": rid, "outcome": bool(ok), "time": "t"})
+    (paired,) = build_report(log.path)
+    t = next(s for s in paired.arms if s.arm == "treat").vs_control
+    wins = int((treat & ~control).sum())
+    assert paired.paired and t.test == "mcnemar" and t.p_value < 0.01
+    assert math.isclose(t.p_value, stats.binomtest(wins, wins, 0.5).pvalue)
+    assert math.isclose(t.difference, treat.mean() - control.mean())
+    from kn_steer.ab.log import read_log as _read
+    from kn_steer.ab.stats import experiment_stats
+
+    unpaired = experiment_stats("exp1", list(_read(log.path).requests.values()), paired=False)
+    assert next(s for s in unpaired.arms if s.arm == "treat").vs_control.p_value > t.p_value

@@ -131,9 +131,9 @@ def test_isolation_in_mixed_concurrent_batches(llm, tokenizer):
 def test_prefix_cache_is_salted_by_spec(llm, tokenizer, default_hf):
     model, _ = default_hf
     text = ("In a quiet laboratory at the edge of the city, a team of researchers spent years studying "
-            "how small changes in temperature affect the growth of crystals. ") * 3
+            "how small changes in temperature affect the growth of crystals. ") * 9
     ids = _ids(tokenizer, text + "The most surprising result was")
-    assert len(ids) > 64
+    assert len(ids) > 2 * 128  # vLLM's CPU KV block is 128 tokens: only full blocks are cached
     first_a = _run(llm, [ids], [SPECS["silence"]])[0]
     again_a = _run(llm, [ids], [SPECS["silence"]])[0]
     plain = _run(llm, [ids], [None])[0]

@@ -128,7 +128,7 @@ def test_serve_command_builds_vllm_invocation(tmp_path):
     from kn_steer.serving.cli import build_command
 
     argv, env = build_command("smollm2-135m", tmp_path, "127.0.0.1", 8123, 500, None, ["--max-num-seqs", "8"])
-    assert argv[1] == "serve" and "--served-model-name" in argv and "smollm2-135m" in argv
+    assert argv[1:4] == ["-m", "kn_steer.serving.launch", "serve"] and "--served-model-name" in argv and "smollm2-135m" in argv
     assert argv[argv.index("--dtype") + 1] == "float32"
     assert env["KN_STEER_NEURON_SETS"] == str(tmp_path.resolve()) and env["KN_STEER_MAX_NEURONS"] == "500"
     assert argv[-2:] == ["--max-num-seqs", "8"]

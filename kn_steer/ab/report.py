@@ -66,9 +66,10 @@ def render(reports: Sequence[ExperimentStats]) -> None:
     for rep in reports:
         label = {"binary": "rate", "numeric": "mean", "none": "outcome"}[rep.kind]
         errors = sum(s.errors for s in rep.arms)
-        table = Table(title=f"{rep.experiment}: {rep.kind} outcomes, {rep.confidence:.0%} intervals, "
+        table = Table(title=f"{rep.experiment}: {rep.kind} outcomes{' (paired by unit)' if rep.paired else ''}, "
+                            f"{rep.confidence:.0%} intervals, "
                             f"control = {rep.control} (*), {errors} failed requests",
-                      box=box.SIMPLE_HEAD, pad_edge=False)
+                      box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
         for col in ("arm", "n", "outc.", label, "interval", "diff", "test", "p", "Holm"):
             table.add_column(col, justify="left" if col in ("arm", "test") else "right", no_wrap=True)
         for s in rep.arms:

@@ -5,6 +5,10 @@ control, Pearson's chi-square on the 2x2 table (Yates-corrected), or Fisher's ex
 expected cell count is below 5. Numeric outcomes (any number; booleans then count as 1/0): mean
 with a Student t interval; against the control, Welch's t-test. P-values are also given
 Holm-adjusted over the arms of one experiment, for reading several arms at once.
+
+Offline runs score every unit in every arm, so there the arms are compared unit by unit (paired):
+exact McNemar test for binary outcomes, paired t-test for numeric ones. Live traffic puts each
+unit in one arm only: independent samples.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class ExperimentStats:
     kind: OutcomeKind
     confidence: float
     arms: list[ArmStats] = field(default_factory=list)
+    paired: bool = False  # arms compared unit by unit (McNemar / paired t) rather than as independent samples
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +124,31 @@ def compare_numeric(arm: Sequence[float], control: Sequence[float]) -> Compariso
     return Comparison("welch", float(res.pvalue), diff, statistic=float(res.statistic))
 
 
+def compare_paired_binary(pairs: Sequence[tuple[bool, bool]]) -> Comparison:
+    """Exact McNemar test on (arm, control) outcomes of the same units: a binomial test of the
+    discordant pairs. Used when every arm saw the same units (offline runs)."""
+    wins = sum(1 for a, c in pairs if a and not c)
+    losses = sum(1 for a, c in pairs if c and not a)
+    diff = (wins - losses) / len(pairs)
+    if wins + losses == 0:
+        return Comparison("mcnemar", 1.0, diff, statistic=0.0)
+    res = stats.binomtest(wins, wins + losses, 0.5)
+    return Comparison("mcnemar", float(res.pvalue), diff, statistic=float(wins - losses))
+
+
+def compare_paired_numeric(pairs: Sequence[tuple[float, float]]) -> Comparison:
+    """Paired t-test on (arm, control) outcomes of the same units."""
+    a = np.asarray([p[0] for p in pairs], float)
+    c = np.asarray([p[1] for p in pairs], float)
+    diff = float((a - c).mean())
+    if a.size < 2:
+        return Comparison("none", math.nan, diff)
+    if np.all(a - c == (a - c)[0]):
+        return Comparison("none", 1.0 if diff == 0 else 0.0, diff)
+    res = stats.ttest_rel(a, c)
+    return Comparison("paired-t", float(res.pvalue), diff, statistic=float(res.statistic))
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (NaN stays NaN)."""
     idx = [i for i, p in enumerate(p_values) if not math.isnan(p)]
@@ -140,7 +170,7 @@ def outcome_kind(rows: Sequence[Joined]) -> OutcomeKind:
 
 def experiment_stats(
     experiment: str, rows: Sequence[Joined], arm_order: Sequence[str] | None = None,
-    control: str | None = None, confidence: float = 0.95,
+    control: str | None = None, confidence: float = 0.95, paired: bool | None = None,
 ) -> ExperimentStats:
     """Statistics of one experiment's requests, every arm compared with ``control``."""
     by_arm: dict[str, list[Joined]] = {}
@@ -176,13 +206,26 @@ def experiment_stats(
             s.std = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
         result.arms.append(s)
 
+    if paired is None:  # offline runs score every unit in every arm: compare unit by unit
+        paired = bool(rows) and all(r.record.assignment == "offline" and r.record.unit is not None for r in rows)
+    result.paired = paired
     control_vals = values(by_arm.get(control, []))
+    control_by_unit = {r.record.unit: r.outcome for r in by_arm.get(control, []) if r.outcome is not None}
     if kind != "none" and control_vals:
         for s, (arm, arm_rows) in zip(result.arms, by_arm.items()):
             vals = values(arm_rows)
             if arm == control or not vals:
                 continue
-            if kind == "binary":
+            if paired:
+                pairs = [(r.outcome, control_by_unit[r.record.unit]) for r in arm_rows
+                         if r.outcome is not None and r.record.unit in control_by_unit]
+                if not pairs:
+                    continue
+                if kind == "binary":
+                    s.vs_control = compare_paired_binary([(bool(a), bool(c)) for a, c in pairs])
+                else:
+                    s.vs_control = compare_paired_numeric([(float(a), float(c)) for a, c in pairs])
+            elif kind == "binary":
                 s.vs_control = compare_binary(int(sum(vals)), len(vals), int(sum(control_vals)), len(control_vals))
             else:
                 s.vs_control = compare_numeric(vals, control_vals)

@@ -246,8 +246,8 @@ def deactivation(neurons: Sequence[tuple[int, int]], shape: ModelShape):
 # The corpus: labelled prompts of PARAREL relations, with a fixed train/test split of facts
 
 #: Defaults of the corpus the ``relation`` method (and ``kn-steer localize``) localizes on.
-FACTS_PER_RELATION = 30
-PROMPTS_PER_FACT = 4
+FACTS_PER_RELATION = 20
+PROMPTS_PER_FACT = 3
 
 
 def fact_split(relation: str, fact_id: str) -> str:

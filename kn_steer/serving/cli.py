@@ -6,8 +6,8 @@ only prepares the model, turns its flags into the plugin's environment variables
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -39,15 +39,15 @@ def build_command(
     if slots is not None:
         env["KN_STEER_SLOTS"] = str(slots)
     env.pop("KN_STEER_DISABLE", None)
-    exe = shutil.which("vllm", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
-    if exe is None:
+    if importlib.util.find_spec("vllm") is None:
         raise KnSteerError("vLLM is not installed: pip install 'kn-steer[cpu]' (or [gpu])")
     given = {a.split("=")[0] for a in extra if a.startswith("--")}
     defaults: list[str] = []
     for flag, value in zip(_CPU_DEFAULTS[::2], _CPU_DEFAULTS[1::2]):
         if flag not in given:
             defaults += [flag, value]
-    argv = [exe, "serve", str(ref.path), "--served-model-name", ref.name,
+    # Through kn-steer's launcher: the `vllm` script of the CPU wheel cannot start (see launch.py).
+    argv = [sys.executable, "-m", "kn_steer.serving.launch", "serve", str(ref.path), "--served-model-name", ref.name,
             "--host", host, "--port", str(port), *defaults, *extra]
     return argv, env
 

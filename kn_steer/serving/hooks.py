@@ -10,7 +10,8 @@ The plugin calls these from the API-server process only (never in the engine cor
 * ``request_listeners``: each is called once per finished request (completed or failed) with a
   record dict: ``request_id``, ``endpoint`` ("completions"/"chat"), ``kn_steer`` (the applied
   info incl. ``experiment``/``arm`` when present, or None), ``prompt_tokens``,
-  ``completion_tokens``, ``latency_s``, ``error`` (bool), ``status`` (HTTP status int).
+  ``completion_tokens``, ``latency_s``, ``error`` (bool), ``status`` (HTTP status int),
+  ``prompt`` (the request's prompt, or its chat messages; the A/B log keeps it only on opt-in).
   Listeners must be quick and must not raise (exceptions are logged and swallowed).
 * ``route_installers``: each is called with the FastAPI app when the API server builds it; add
   routes there (``app.get(...)``/``app.include_router``).

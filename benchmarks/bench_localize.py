@@ -1,0 +1,199 @@
+"""Seconds per MemoTrap example: the fast exact IG engine against the per-layer reference.
+
+Each measurement runs in its own worker process (model loaded and warmed up before the clock
+starts), so the peak resident memory of each variant is its own; fast and reference workers are
+interleaved example by example so a change in machine load hits both. Reports wall and CPU
+seconds per example, peak RSS above the loaded model, the fast path's agreement with the
+reference (relative error, identical top 20), and the first-order approximation's rank agreement
+with full IG (Spearman over all neurons, top-20 overlap). Writes benchmarks/results/localize.json.
+
+    .venv/bin/python benchmarks/bench_localize.py [--data ../shared/data/memotrap/dev.jsonl]
+        [--examples 3] [--ref-examples 1] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the per-layer reference lives with the tests (the oracle)
+
+IRCAN_PUBLISHED_S = 94.5  # IRCAN's script, SmolLM2-135M, m=20, this machine (ENVIRONMENT.md)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _load_examples(data: Path, n: int) -> list:
+    from kn_steer.data import load_ircan_examples
+
+    return load_ircan_examples(data, "memotrap", limit=n)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one variant on one example; print a JSON line, save scores to --scores."""
+    import torch
+
+    from kn_steer.localize.engine import attribute_ids, encode_prompt, encode_target
+    from kn_steer.models import load_hf_model, resolve_model
+
+    example = _load_examples(args.data, args.index + 1)[args.index]
+    model, tok = load_hf_model(resolve_model("smollm2-135m"), device=args.device)
+    prompt = encode_prompt(tok, example.full_prompt)
+    base = encode_prompt(tok, example.prompt)
+    target = encode_target(tok, example.target)
+    if args.variant == "reference":
+        from attribution_oracle import reference_attribution
+
+        def run(method: str):
+            return reference_attribution(model, prompt, target, steps=args.steps,
+                                         baseline_ids=base if method == "ircan" else None)
+    else:
+        def run(method: str):
+            return attribute_ids(model, prompt, target, steps=args.steps,
+                                 baseline_ids=base if method == "ircan" else None,
+                                 first_order=args.variant == "first-order").scores
+    attribute_ids(model, prompt[-3:], target, steps=1)  # warm-up, not timed
+    loaded_rss = _rss_mb()
+    out = {"variant": args.variant, "index": args.index, "tokens": len(prompt), "id": example.id}
+    scores = {}
+    for method in args.methods.split(","):
+        wall, cpu = time.perf_counter(), time.process_time()
+        scores[method] = run(method)
+        out[method] = {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+    out["peak_rss_mb"] = _rss_mb()
+    out["peak_rss_above_model_mb"] = _rss_mb() - loaded_rss
+    torch.save(scores, args.scores)
+    print(json.dumps(out))
+
+
+def _spawn(variant: str, index: int, methods: str, args: argparse.Namespace, tmp: Path) -> tuple[dict, dict]:
+    import torch
+
+    scores = tmp / f"{variant}-{index}.pt"
+    cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--index", str(index),
+           "--methods", methods, "--steps", str(args.steps), "--data", str(args.data),
+           "--scores", str(scores), "--device", args.device]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"worker {variant} #{index} failed:\n{done.stderr[-3000:]}")
+    line = [l for l in done.stdout.splitlines() if l.startswith("{")][-1]
+    result = json.loads(line)
+    print(f"  {variant:<12} #{index} ({result['tokens']} tokens): "
+          + ", ".join(f"{m} {result[m]['seconds']:.2f}s" for m in methods.split(",")), flush=True)
+    return result, torch.load(scores)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "memotrap" / "dev.jsonl")
+    parser.add_argument("--examples", type=int, default=3)
+    parser.add_argument("--ref-examples", type=int, default=1)
+    parser.add_argument("--ref-methods", default="ircan")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "localize.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="fast", help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default="kn,ircan", help=argparse.SUPPRESS)
+    parser.add_argument("--scores", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from scipy.stats import spearmanr
+
+    from kn_steer.fileio import atomic_write_json
+
+    runs: list[dict] = []
+    agreement: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for i in range(args.examples):
+            fast, fast_scores = _spawn("fast", i, "kn,ircan", args, tmp)
+            first, first_scores = _spawn("first-order", i, "kn,ircan", args, tmp)
+            runs += [fast, first]
+            for method in ("kn", "ircan"):
+                a, b = first_scores[method].flatten(), fast_scores[method].flatten()
+                top_a, top_b = set(a.topk(20).indices.tolist()), set(b.topk(20).indices.tolist())
+                agreement.append({"index": i, "method": method, "kind": "first-order vs IG",
+                                  "spearman": float(spearmanr(a.numpy(), b.numpy()).statistic),
+                                  "top20_overlap": len(top_a & top_b) / 20})
+            if i < args.ref_examples:
+                ref, ref_scores = _spawn("reference", i, args.ref_methods, args, tmp)
+                runs.append(ref)
+                for method in args.ref_methods.split(","):
+                    r, f = ref_scores[method], fast_scores[method]
+                    agreement.append({
+                        "index": i, "method": method, "kind": "fast vs reference",
+                        "rel_err": float((f - r).abs().max() / r.abs().max()),
+                        "top20_identical": set(f.flatten().topk(20).indices.tolist())
+                        == set(r.flatten().topk(20).indices.tolist()),
+                    })
+
+    summary: dict[str, dict] = {}
+    for variant in ("fast", "first-order", "reference"):
+        for method in ("kn", "ircan"):
+            rows = [r for r in runs if r["variant"] == variant and method in r]
+            if not rows:
+                continue
+            summary[f"{variant}/{method}"] = {
+                "examples": len(rows),
+                "seconds_per_example": _mean([r[method]["seconds"] for r in rows]),
+                "cpu_seconds_per_example": _mean([r[method]["cpu_seconds"] for r in rows]),
+                "peak_rss_above_model_mb": max(r["peak_rss_above_model_mb"] for r in rows),
+            }
+    fast_ircan = summary["fast/ircan"]["seconds_per_example"]
+    ref_rows = [r for r in runs if r["variant"] == "reference" and "ircan" in r]
+    paired = [
+        (r["ircan"]["seconds"], next(f for f in runs if f["variant"] == "fast" and f["index"] == r["index"])["ircan"]["seconds"])
+        for r in ref_rows
+    ]
+    speedups = {
+        "vs_ircan_published_script": IRCAN_PUBLISHED_S / fast_ircan,
+        "vs_in_repo_reference_same_examples": _mean([r / f for r, f in paired]),
+    }
+    fo = [a for a in agreement if a["kind"] == "first-order vs IG"]
+    result = {
+        "benchmark": "localize", "model": "smollm2-135m (float32)", "steps": args.steps,
+        "data": str(args.data), "device": args.device, "machine": platform.platform(),
+        "ircan_published_seconds_per_example": IRCAN_PUBLISHED_S,
+        "summary": summary, "speedup": speedups, "agreement": agreement,
+        "first_order_mean": {"spearman": _mean([a["spearman"] for a in fo]),
+                             "top20_overlap": _mean([a["top20_overlap"] for a in fo])},
+        "runs": runs, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_json(args.out, result)
+
+    print(f"\n{'variant/method':<20} {'n':>3} {'s/example':>10} {'cpu s':>8} {'peak MB':>8}")
+    for key, row in summary.items():
+        print(f"{key:<20} {row['examples']:>3} {row['seconds_per_example']:>10.2f} "
+              f"{row['cpu_seconds_per_example']:>8.2f} {row['peak_rss_above_model_mb']:>8.0f}")
+    print(f"speed-up of fast IRCAN over the published script ({IRCAN_PUBLISHED_S} s): "
+          f"{speedups['vs_ircan_published_script']:.1f}x")
+    if speedups["vs_in_repo_reference_same_examples"]:
+        print(f"speed-up over the in-repo per-layer reference (same examples): "
+              f"{speedups['vs_in_repo_reference_same_examples']:.1f}x")
+    for a in agreement:
+        print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in a.items()})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
