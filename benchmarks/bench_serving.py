@@ -76,7 +76,11 @@ def worker(role_json: str, result_fd: str) -> None:
     role = json.loads(role_json)
     shape = role["shape"]
     t0 = time.perf_counter()
-    llm = LLM(model=role["model"]["path"], dtype="float32", seed=0, enforce_eager=role["enforce_eager"])
+    extra: dict[str, Any] = {}
+    if role.get("profile_dir"):
+        extra["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": role["profile_dir"],
+                                    "torch_profiler_with_stack": False}
+    llm = LLM(model=role["model"]["path"], dtype="float32", seed=0, enforce_eager=role["enforce_eager"], **extra)
     startup_s = time.perf_counter() - t0
 
     def params(spec: dict | None, max_tokens: int) -> SamplingParams:
@@ -108,7 +112,11 @@ def worker(role_json: str, result_fd: str) -> None:
             specs = specs[:n_req]
         prompts = common.random_prompts(cmd["seed"], n_req, cmd["prompt_len"], shape["vocab_size"])
         load = os.getloadavg()[0]
+        if cmd["op"] == "profile":
+            llm.start_profile()
         elapsed, outs = generate(prompts, specs, max_tokens)
+        if cmd["op"] == "profile":
+            llm.stop_profile()
         generated = sum(len(o.outputs[0].token_ids) for o in outs)
         return {"elapsed_s": round(elapsed, 4), "generated_tokens": generated,
                 "gen_tokens_per_s": generated / elapsed,
@@ -143,6 +151,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="also run transformers generate with pre-hooks (bench_hf_hooks.py), once per session")
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--hf-reps", type=int, default=1, help="repetitions per session that include the transformers run")
+    ap.add_argument("--hf-requests", type=int, default=None,
+                    help="requests of the transformers run (default --requests; its tok/s depends on the batch, not the count)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="instead of timing: one torch-profiler trace per core configuration into DIR, summarized")
     ap.add_argument("--enforce-eager", action="store_true", help="eager mode instead of the default compiled mode")
     ap.add_argument("--quick", action="store_true", help="1 session, 1 repetition, 16 requests x 32 tokens, no sweeps")
     ap.add_argument("--out", default="serving", help="result name under benchmarks/results/")
@@ -156,6 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     common.exit_on_sigterm()
+    if args.profile:
+        return profile(args)
     machine = common.machine_info()
     model = common.default_model_info()
     shape = {k: model[k] for k in ("num_layers", "intermediate_size", "vocab_size")}
@@ -195,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for name, engine, workload, slot in common.rotated(items, rep + session * 3):
                     loads.append(os.getloadavg())
                     seed = 1_000_000 * (session + 1) + 1000 * rep + slot
-                    res = procs[engine].call({"op": "run", "workload": workload, "seed": seed, **size})
+                    run_size = {**size, "requests": args.hf_requests} if name == "hf" and args.hf_requests else size
+                    res = procs[engine].call({"op": "run", "workload": workload, "seed": seed, **run_size})
                     runs.append({"config": name, "session": session, "rep": rep, **res})
                     print(f"[{time.strftime('%H:%M:%S')}] s{session} r{rep} {name:14s} "
                           f"{res['gen_tokens_per_s']:7.1f} tok/s  ({res['elapsed_s']:.1f} s, load {res['loadavg_1min']})",
@@ -212,6 +227,72 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = build_report(args, machine, model, core, sweep, runs, engines_info, loads, time.time() - started)
     common.write_result(args.out, report)
     print_report(report)
+    return report
+
+
+def trace_totals(paths: list[Path]) -> dict[str, float]:
+    """Inclusive milliseconds per event name over chrome traces (CPU ops, annotations, kernels)."""
+    import gzip
+
+    totals: dict[str, float] = {}
+    for path in paths:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as handle:
+            trace = json.load(handle)
+        for ev in trace.get("traceEvents", []):
+            if ev.get("ph") == "X" and ev.get("cat") in ("cpu_op", "user_annotation", "kernel", "cpu_instant_event"):
+                totals[ev["name"]] = totals.get(ev["name"], 0.0) + float(ev.get("dur", 0)) / 1000
+    return totals
+
+
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+    """Torch-profile each core configuration once (inductor kernels named) and compare op times."""
+    model = common.default_model_info()
+    shape = {k: model[k] for k in ("num_layers", "intermediate_size", "vocab_size")}
+    core = {k: v for k, v in CORE.items() if k in args.configs.split(",")}
+    out_dir = Path(args.profile).resolve()
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    size = {"requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len}
+    procs: dict[str, common.WorkerProcess] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    try:
+        for name in sorted({c[0] for c in core.values()}):
+            folder = out_dir / name
+            folder.mkdir(parents=True, exist_ok=True)
+            env = engine_env(name == "plugin")
+            env["TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE"] = "1"  # name inductor's fused C++ kernels
+            procs[name] = common.WorkerProcess(SCRIPT, {"model": model, "shape": shape, "name": name,
+                                                        "enforce_eager": args.enforce_eager,
+                                                        "profile_dir": str(folder)}, env=env, log=log)
+        for name, proc in procs.items():
+            proc.wait_ready()
+        for name, (engine, workload, slot, _label) in core.items():
+            procs[engine].call({"op": "warm", "workload": workload, "seed": 7_000_000 + slot, **size})
+        for name, (engine, workload, slot, _label) in core.items():
+            folder = out_dir / engine
+            before = set(folder.rglob("*"))
+            res = procs[engine].call({"op": "profile", "workload": workload, "seed": 5_000_000 + slot, **size})
+            time.sleep(3)
+            new = sorted(p for p in set(folder.rglob("*")) - before if p.is_file() and ".json" in p.name)
+            totals = trace_totals(new)
+            summaries[name] = {"run": res, "traces": [str(p) for p in new], "ms": totals}
+            print(f"[{time.strftime('%H:%M:%S')}] profiled {name}: {res['gen_tokens_per_s']:.1f} tok/s, "
+                  f"{len(new)} trace file(s)", flush=True)
+    finally:
+        for proc in procs.values():
+            proc.close()
+    names: set[str] = set()
+    for summ in summaries.values():
+        names |= set(sorted(summ["ms"], key=summ["ms"].get, reverse=True)[:25])
+    first = next(iter(summaries))
+    rows = sorted(names, key=lambda n: -max(s["ms"].get(n, 0) for s in summaries.values()))
+    common.print_table("Profiled inclusive time per event (ms; per configuration, one run each)",
+                       ["event", *summaries], [[n[:70], *(s["ms"].get(n, 0.0) for s in summaries.values())] for n in rows])
+    report = {"benchmark": "serving_profile", "machine": common.machine_info(), "settings": size,
+              "summaries": {k: {**v, "ms": dict(sorted(v["ms"].items(), key=lambda kv: -kv[1])[:200])}
+                            for k, v in summaries.items()}, "reference_config": first}
+    common.write_result(args.out, report)
     return report
 
 

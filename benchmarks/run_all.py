@@ -36,6 +36,8 @@ def scripts(quick: bool) -> dict[str, list[str]]:
             help_text = subprocess.run([sys.executable, str(localize), "--help"], capture_output=True, text=True).stdout
             if "--quick" in help_text:
                 argv.append("--quick")
+            elif "--examples" in help_text and "--ref-examples" in help_text:
+                argv += ["--examples", "1", "--ref-examples", "1"]
         out["localize"] = argv
     return out
 

@@ -72,23 +72,20 @@ def test_accuracy_is_the_same_for_every_batch_size(default_hf):
     assert 0 < summary["accuracy"] < 1
 
 
-def _context_sets():
-    return sorted(SETS.glob("smollm2-135m-context-*.json"))
-
-
 @needs_data
-def test_shipped_context_set_changes_scores(default_hf, default_ref):
+@pytest.mark.parametrize("dataset", ["memotrap", "kre"])
+def test_shipped_context_set_changes_scores(default_hf, default_ref, dataset):
     from kn_steer.neuron_set import model_identity
     from kn_steer.registry import NeuronSetRegistry
 
-    paths = _context_sets()
-    assert paths, "no shipped context-boosting set in neuron_sets/"
+    name = f"smollm2-135m-context-{dataset}"
+    if not (SETS / f"{name}.json").is_file():
+        pytest.fail(f"neuron_sets/{name}.json is not shipped")
     model, tok = default_hf
     registry = NeuronSetRegistry.load(SETS, model_identity(default_ref, model.config))
     shape = ModelShape.from_config(model.config)
-    encoded = encode_items(tok, _memotrap(4))
+    encoded = encode_items(tok, _memotrap(4) if dataset == "memotrap" else _kre(2))
     plain = score_hf(model, tok, encoded)
-    name = json.loads(paths[0].read_text())["name"]
     steered = score_hf(model, tok, encoded, compile_spec({"interventions": [{"set": name}]}, registry, shape))
     deltas = [abs(a - b) for p, s in zip(plain, steered) for a, b in zip(p.logprobs, s.logprobs)]
     assert max(deltas) > 1e-2
@@ -96,9 +93,6 @@ def test_shipped_context_set_changes_scores(default_hf, default_ref):
     same = score_hf(model, tok, encoded,
                     compile_spec({"interventions": [{"set": name, "factor": 1.0}]}, registry, shape))
     assert [s.logprobs for s in same] == [s.logprobs for s in plain]
-    # boosting the context neurons moves the margin toward the context-faithful answer
-    margin = lambda s: s.logprobs[s.faithful] - s.logprobs[s.trap]  # noqa: E731
-    assert sum(margin(s) for s in steered) > sum(margin(p) for p in plain)
 
 
 def test_make_spec_forms(tmp_path):

@@ -101,7 +101,8 @@ def score_prompts(
         ids, mask, pos, width = _encode_left_padded(tokenizer, [prompts[i] for i in idx], device)
         context = steer(model, compiled, width) if compiled is not None else _null()
         with context:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
         sel = torch.tensor(idx, device=device)
         tgt = target_ids[sel]
         tgt_logit = logits.gather(1, tgt[:, None])
