@@ -96,9 +96,10 @@ def main() -> None:
     if missing:
         log(f"activations of {len(corpus)} train prompts over {len({c.relation for c in corpus})} relations")
         acts = rel.last_token_activations(model, tok, [c.prompt for c in corpus])
+        aps = rel.relation_ap(acts, [c.relation for c in corpus], missing)  # one sort for all
         for r in missing:
             labels = torch.tensor([c.relation == r for c in corpus])
-            top = rel.top_neurons(rel.average_precision(acts, labels), keep, shape.intermediate_size)
+            top = rel.top_neurons(aps[r], keep, shape.intermediate_size)
             cache.put(f"top/{r}/{keep}", top)
             log(f"{r}: top AP {top[0][2]:.3f}, AP at rank {keep} {top[-1][2]:.3f} (prevalence {float(labels.float().mean()):.3f})")
         del acts

@@ -208,3 +208,17 @@ def test_cli_empty_target_is_refused(tmp_path: Path) -> None:
     done = _cli("localize", "--method", "kn", "--data", str(data), "--out", str(tmp_path / "x.json"),
                 "--steps", "1", cwd=ROOT)
     assert done.returncode == 2 and "tokenizes to no token" in done.stderr and "'e'" in done.stderr
+
+
+def test_cli_generic_params(tmp_path: Path) -> None:
+    from kn_steer.localize.cli import _parse_params
+
+    assert _parse_params(["count=5", "relation=P36", "first-order=true"]) == {
+        "count": 5, "relation": "P36", "first_order": True}
+    data = _write_jsonl(tmp_path / "facts.jsonl", [{"prompts": ["a"], "target": " b"}])
+    done = _cli("localize", "--method", "kn", "--param", "nonsense", "--data", str(data),
+                "--out", str(tmp_path / "x.json"), cwd=ROOT)
+    assert done.returncode == 2 and "expected KEY=VALUE" in done.stderr
+    done = _cli("localize", "--method", "kn", "--param", "threshold=7", "--data", str(data),
+                "--out", str(tmp_path / "x.json"), cwd=ROOT)
+    assert done.returncode == 2 and "threshold" in done.stderr

@@ -185,12 +185,16 @@ def test_internal_key_from_client_is_ignored(llm, tokenizer):
 
 
 def test_json_string_spec_through_extra_args(llm, tokenizer):
+    """extra_args["kn_steer"] may be a dict, a JSON string or a SteeringSpec."""
     import json
+
+    from kn_steer.spec import SteeringSpec
 
     ids = _ids(tokenizer, PROMPTS[1])
     (as_dict,) = _run(llm, [ids], [SPECS["silence"]])
     (as_str,) = _run(llm, [ids], [json.dumps(SPECS["silence"])])
-    assert as_dict.outputs[0].token_ids == as_str.outputs[0].token_ids
+    (as_model,) = _run(llm, [ids], [SteeringSpec.model_validate(SPECS["silence"])])
+    assert as_dict.outputs[0].token_ids == as_str.outputs[0].token_ids == as_model.outputs[0].token_ids
 
 
 def test_eager_and_chunked_prefill_match_compiled(llm, tokenizer):

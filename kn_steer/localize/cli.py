@@ -18,6 +18,22 @@ def _default_name(out: Path) -> str:
     return name or "neurons"
 
 
+def _parse_params(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs; VALUE as JSON when it parses (numbers, booleans), else a string."""
+    import json
+
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise KnSteerError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            parsed[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key.replace("-", "_")] = raw
+    return parsed
+
+
 def _load_examples(spec, data: Path, data_format: str, limit: int | None) -> list:
     """Generic JSONL through the method's example model, or a dataset loader of kn_steer.data."""
     if data_format == "jsonl":
@@ -67,6 +83,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
         dtype: str = typer.Option("float32", "--dtype", help="float32 (default) or bfloat16."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        param: list[str] = typer.Option([], "--param",
+                                        help="Any method parameter as KEY=VALUE (VALUE read as JSON "
+                                             "when it parses), e.g. --param relation=P36. Repeatable."),
     ) -> None:
         """Score every example, select the neurons, write the set (resumes after an interruption)."""
         from kn_steer.localize.methods import get_method
@@ -81,11 +100,14 @@ def register(app: typer.Typer) -> None:
         given = dict(steps=steps, top_k=top_k, count=count, threshold=threshold, p=p,
                      fact_fraction=fact_fraction, max_neurons=max_neurons, relation=relation, target_mode=target_mode,
                      first_order=first_order or None, factor=factor)
+        given.update(_parse_params(param))
         fields = spec.params_model.model_fields
         unused = [k for k, v in given.items() if v is not None and k not in fields]
         if unused:
             flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-            raise KnSteerError(f"{flags} do(es) not apply to method {spec.name!r}")
+            raise KnSteerError(
+                f"{flags} do(es) not apply to method {spec.name!r} (its parameters: {', '.join(fields)})"
+            )
         params = spec.parse_params(given)
         examples = _load_examples(spec, data, data_format, limit)
         ref = resolve_model(model, dtype)  # type: ignore[arg-type]

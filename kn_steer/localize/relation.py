@@ -176,37 +176,42 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor, chunk: int = 4
     time to bound memory.
     """
     labels = labels.to(torch.bool).reshape(-1)
+    return average_precision_multi(scores, labels[:, None], chunk)[0]
+
+
+def average_precision_multi(scores: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """AP for several label columns at once, [R, K]: one sort of ``scores`` serves every ``labels``
+    column [N, R] (the sort is the expensive part)."""
+    labels = labels.to(torch.bool)
     n, k = scores.shape
-    if labels.numel() != n:
-        raise ValueError(f"labels have {labels.numel()} rows, scores {n}")
-    n_pos = int(labels.sum())
-    if n_pos == 0:
-        raise ValueError("average precision needs at least one positive")
-    out = torch.empty(k, dtype=torch.float64)
+    if labels.shape[0] != n:
+        raise ValueError(f"labels have {labels.shape[0]} rows, scores {n}")
+    n_pos = labels.sum(0).to(torch.float64)  # [R]
+    if bool((n_pos == 0).any()):
+        raise ValueError("average precision needs at least one positive per label column")
+    out = torch.empty(labels.shape[1], k, dtype=torch.float64)
     counts = torch.arange(1, n + 1, dtype=torch.float64)[:, None]
     for start in range(0, k, chunk):
-        block = scores[:, start:start + chunk].to(torch.float64)
+        block = scores[:, start:start + chunk]
         sorted_scores, order = torch.sort(block, dim=0, descending=True, stable=True)
-        pos = labels[order].to(torch.float64)  # [N, C] labels in descending score order
-        precision = pos.cumsum(0) / counts
         # End of each tie group: the next row whose score differs (or the last row).
         is_end = torch.ones_like(sorted_scores, dtype=torch.bool)
         is_end[:-1] = sorted_scores[:-1] != sorted_scores[1:]
         rows = torch.arange(n)[:, None].expand_as(is_end)
         end_index = torch.where(is_end, rows, torch.full_like(rows, n))
         end_index = end_index.flip(0).cummin(0).values.flip(0)
-        precision_at_end = precision.gather(0, end_index)
-        out[start:start + chunk] = (precision_at_end * pos).sum(0) / n_pos
+        for r in range(labels.shape[1]):
+            pos = labels[:, r][order].to(torch.float64)  # [N, C] labels in descending score order
+            precision = (pos.cumsum(0) / counts).gather(0, end_index)
+            out[r, start:start + chunk] = (precision * pos).sum(0) / n_pos[r]
     return out
 
 
 def relation_ap(activations: torch.Tensor, labels: Sequence[str], relations: Sequence[str]) -> dict[str, torch.Tensor]:
     """Per relation, the AP of every neuron (flat index layer * intermediate + index)."""
-    result = {}
-    for r in relations:
-        mask = torch.tensor([lab == r for lab in labels])
-        result[r] = average_precision(activations, mask)
-    return result
+    matrix = torch.tensor([[lab == r for r in relations] for lab in labels])
+    ap = average_precision_multi(activations, matrix)
+    return {r: ap[j] for j, r in enumerate(relations)}
 
 
 # ---------------------------------------------------------------------------------------------

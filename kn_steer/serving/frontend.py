@@ -124,12 +124,14 @@ def _wrap_process_inputs(orig):
                 ctx = load_context(model_config.model, model_config.hf_config)
             except KnSteerError as exc:
                 raise SteeringRequestError(str(exc)) from exc
-            _, compiled, _ = resolve(ctx, extra[RAW_KEY], request_id)
+            spec, compiled, _ = resolve(ctx, extra[RAW_KEY], request_id)
             if getattr(params, "use_beam_search", False):
                 raise SteeringRequestError("kn_steer cannot be combined with beam search")
         request = orig(self, request_id, prompt, params, *args, **kwargs)
         sp = request.sampling_params
         new_extra = {k: v for k, v in (sp.extra_args or {}).items() if k != WIRE_KEY}
+        if compiled is not None:  # the resolved spec, JSON-able for the engine's msgpack
+            new_extra[RAW_KEY] = spec.model_dump(mode="json", exclude_none=True)
         if compiled is not None and not compiled.is_identity:
             new_extra[WIRE_KEY] = {"prompt": compiled.prompt.to_wire(), "generated": compiled.generated.to_wire()}
             request.cache_salt = _salt(request.cache_salt, compiled)
