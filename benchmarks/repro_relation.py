@@ -20,6 +20,7 @@ Every scored condition is cached (``$KN_STEER_CACHE/bench/relation``): a rerun r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -110,17 +111,21 @@ def main() -> None:
     # 2. held-out prompts the unsteered model gets right
     test = rel.relation_prompts({r: relations[r] for r in args.relations}, split="test",
                                 facts_per_relation=args.test_facts, prompts_per_fact=args.test_prompts)
-    base = cache.get("baseline")
-    if base is None or len(base) != len(test):
+    test_key = "baseline/" + hashlib.sha256("\n".join(t.prompt for t in test).encode()).hexdigest()[:12]
+    base = cache.get(test_key)
+    if base is None:
         s = rel.score_prompts(model, tok, [t.prompt for t in test], [t.target for t in test])
         base = s.correct.tolist()
-        cache.put("baseline", base)
+        cache.put(test_key, base)
     known = [t for t, ok in zip(test, base) if ok]
     baseline_acc = {r: statistics.mean([ok for t, ok in zip(test, base) if t.relation == r]) for r in args.relations}
     known_n = {r: sum(1 for t in known if t.relation == r) for r in args.relations}
     log(f"baseline accuracy on held-out prompts: {baseline_acc}; known prompts {known_n}")
 
+    sig = hashlib.sha256("\n".join(t.prompt + "|" + t.target for t in known).encode()).hexdigest()[:12]
+
     def accuracy(neurons: list[tuple[int, int]], key: str) -> dict[str, float]:
+        key = f"{sig}/{key}"  # results are only reusable on the same evaluation prompts
         hit = cache.get(key)
         if hit is None:
             s = rel.score_prompts(model, tok, [t.prompt for t in known], [t.target for t in known],
