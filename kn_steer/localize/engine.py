@@ -31,6 +31,7 @@ keys/values expanded to the batch, so no family-specific code lives here: paths 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -104,35 +105,44 @@ def _objective(parts: _Parts, hidden: torch.Tensor, target: torch.Tensor, mode: 
 
 
 class _Injector:
-    """Pre-hooks on every neuron module; while armed for a layer, replace the neuron vector of the
-    last ``rows`` rows at tail position 0 (the last prompt token) by ``values`` (or add ``values``
-    to all rows when ``add`` is set, for the first-order pass)."""
+    """Pre-hooks on every neuron module; while armed for a layer, replace the neuron vector at tail
+    position 0 (the last prompt token) of the last rows of the batch by ``values`` (or add
+    ``values`` to all rows when ``add`` is set, for the first-order pass).
+
+    The runner calls a layer on a window ``[lo, hi)`` of the batch rows, packed along the sequence
+    axis; ``window`` and ``batch`` say which rows the current call holds."""
 
     def __init__(self, parts: _Parts) -> None:
         self.plan: dict[int, tuple[torch.Tensor, bool]] = {}
         self.clean: dict[int, torch.Tensor] = {}
         self.record_position: int | None = None
-        self.rows = 1  # batch rows of the current call
+        self.window = (0, 1)  # rows [lo, hi) of the batch in the current call
+        self.batch = 1  # rows of the whole batch
         self.handles = [m.register_forward_pre_hook(self._hook(j)) for j, m in enumerate(parts.neurons)]
 
     def _hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple) -> tuple | None:
             flat = args[0]
-            # some families (OPT) flatten [rows, T, I] to [rows * T, I] inside the MLP
-            x = flat if flat.dim() == 3 else flat.view(self.rows, -1, flat.shape[-1])
+            lo, hi = self.window
+            # [rows, T, I], whatever the family made of it ([1, rows*T, I] packed, OPT's [rows*T, I])
+            x = flat.reshape(hi - lo, -1, flat.shape[-1])
             if self.record_position is not None:
                 self.clean[layer] = x[0, self.record_position].detach().clone()
             if layer not in self.plan:
                 return None
             values, add = self.plan[layer]
-            if add:  # [B, I] added at position 0 of every row
+            if add:  # [1, I] added at position 0 of every row
                 first = x[:, :1] + values[:, None, :].to(x.dtype)
-            else:  # [c, I] replaces position 0 of the last c rows
-                c = values.shape[0]
-                keep = x[:-c, :1]
-                first = torch.cat([keep, values[:, None, :].to(x.dtype)], dim=0)
-            x = torch.cat([first, x[:, 1:]], dim=1)
-            return (x.view(flat.shape), *args[1:])
+            else:  # [n, I] replaces position 0 of the last n rows of the batch
+                start = self.batch - values.shape[0]
+                a = max(lo, start)
+                if a >= hi:
+                    return None
+                mine = values[a - start:hi - start, None, :].to(x.dtype)
+                first = mine if a == lo else torch.cat([x[:a - lo, :1], mine], dim=0)
+            if x.shape[1] > 1:
+                first = torch.cat([first, x[:, 1:]], dim=1)
+            return (first.reshape(flat.shape), *args[1:])
 
         return hook
 
@@ -167,47 +177,135 @@ def _hidden_of(call: tuple[tuple, dict]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-class _TailRunner:
-    """Calls decoder layer ``j`` on a batch of tail rows, as the clean run did, over the prefix."""
+# rows per packed layer call: the attention of a call costs (prefix + rows) per row, the matmuls
+# want many rows; ~128 balances both on CPU
+ROW_CHUNK = 128
 
-    def __init__(self, parts: _Parts, injector: _Injector, cache: Any | None) -> None:
+
+class _TailRunner:
+    """Calls decoder layer ``j`` on a batch of tail rows, as the clean run did, over the prefix.
+
+    Why packed: the rows share the prefix keys/values. Rather than copying them per row (a batch
+    of B rows would hold B copies of the prefix cache, and the backward would write B copies of
+    their gradients), the rows of a window are laid out one after the other along the sequence
+    axis of a batch-1 call, with the batch-1 prefix cache; every per-position input of the clean
+    call (rotary tables, position ids) is repeated per row, and the attention mask lets each row
+    see the prefix and its own earlier tail positions only. Each row then computes exactly what
+    it computes alone; nothing here names a model family."""
+
+    def __init__(self, parts: _Parts, injector: _Injector, cache: Any | None, prefix: int,
+                 attn_impl: str | None) -> None:
         self.parts = parts
         self.injector = injector
         self.calls: list[tuple[tuple, dict]] = []
         self.cache = cache
+        self.prefix = prefix
+        self.float_mask = attn_impl == "eager"
+        self.row_chunk = ROW_CHUNK
+        self._masks: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._packed: dict[tuple[int, int], tuple[tuple, dict]] = {}
         # the prefix keys/values per layer, before the tail run appended to them
         self.prefix_layers = None if cache is None else [copy.copy(layer) for layer in cache.layers]
 
-    def _cache_for(self, j: int, batch: int) -> Any | None:
+    def _cache_for(self, j: int) -> Any | None:
         if self.cache is None:
             return None
         fresh = copy.copy(self.cache)
         fresh.layers = list(self.prefix_layers)
-        layer = copy.copy(self.prefix_layers[j])
-        if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
-            layer.values = layer.values.expand(batch, *layer.values.shape[1:])
-        fresh.layers[j] = layer
+        fresh.layers[j] = copy.copy(self.prefix_layers[j])
         return fresh
 
-    def layer(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _mask(self, rows: int, tail: int, like: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """[1, 1, rows*T, P + rows*T]: the prefix, and the row's own tail up to the position."""
+        dtype = like.dtype if like is not None else (torch.float32 if self.float_mask else torch.bool)
+        key = (rows, tail, dtype)
+        if key not in self._masks:
+            q = torch.arange(rows * tail, device=device)
+            k = torch.arange(rows * tail, device=device)
+            own = (q[:, None] // tail == k[None, :] // tail) & (k[None, :] <= q[:, None])
+            allowed = torch.cat([torch.ones(rows * tail, self.prefix, dtype=torch.bool, device=device),
+                                 own], dim=1)
+            if dtype != torch.bool:
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                    ~allowed, torch.finfo(dtype).min)
+            self._masks[key] = allowed[None, None]
+        return self._masks[key]
+
+    def _pack_call(self, j: int, rows: int) -> tuple[tuple, dict]:
+        """The clean call's arguments for ``rows`` packed rows (hidden states left as None)."""
+        if (j, rows) in self._packed:
+            return self._packed[(j, rows)]
         args, kwargs = self.calls[j]
-        cache = self._cache_for(j, hidden.shape[0])
+        hidden = _hidden_of(self.calls[j])
+        tail = hidden.shape[1]
+        device = hidden.device
+        found_mask = False
+
+        def pack(value: Any) -> Any:
+            nonlocal found_mask
+            if self.cache is not None and value is self.cache:
+                return _CACHE
+            if isinstance(value, (tuple, list)):
+                return type(value)(pack(v) for v in value)
+            if not isinstance(value, torch.Tensor):
+                return value
+            if value.dim() == 4 and value.shape[-2] == tail and value.shape[-1] == self.prefix + tail:
+                found_mask = True
+                return self._mask(rows, tail, value, device)
+            if value.dim() >= 2 and value.shape[0] == 1 and value.shape[1] == tail:
+                return value.repeat(1, rows, *([1] * (value.dim() - 2)))
+            if value.dim() == 1 and value.shape[0] == tail and not value.is_floating_point():
+                return value.repeat(rows)  # cache positions
+            return value
+
+        layer = self.parts.layers[j]
+        bound = inspect.signature(layer.forward).bind_partial(*args, **kwargs)
+        arguments = {name: pack(v) for name, v in bound.arguments.items()}
+        if not found_mask:
+            if "attention_mask" not in inspect.signature(layer.forward).parameters:
+                raise KnSteerError(f"{type(layer).__name__} takes no attention_mask: cannot pack rows")
+            arguments["attention_mask"] = self._mask(rows, tail, None, device)
+        bound.arguments.clear()
+        bound.arguments.update(arguments)
+        packed = (tuple(bound.args), dict(bound.kwargs))
+        self._packed[(j, rows)] = packed
+        return packed
+
+    def _call(self, j: int, hidden: torch.Tensor, lo: int, hi: int, batch: int) -> torch.Tensor:
+        rows, tail, width = hidden.shape
+        args, kwargs = self._pack_call(j, rows)
+        cache = self._cache_for(j)
 
         def swap(value: Any) -> Any:
-            return cache if (self.cache is not None and value is self.cache) else value
+            if value is _CACHE:
+                return cache
+            if isinstance(value, (tuple, list)):
+                return type(value)(swap(v) for v in value)
+            return value
 
-        if args:
-            args = (hidden, *(swap(a) for a in args[1:]))
+        packed = hidden.reshape(1, rows * tail, width)
+        args = tuple(swap(a) for a in args)
         kwargs = {k: swap(v) for k, v in kwargs.items()}
-        if not args:
-            kwargs["hidden_states"] = hidden
-        self.injector.rows = hidden.shape[0]
+        if args:
+            args = (packed, *args[1:])
+        else:
+            kwargs["hidden_states"] = packed
+        self.injector.window, self.injector.batch = (lo, hi), batch
         try:
             out = self.parts.layers[j](*args, **kwargs)
         finally:
-            self.injector.rows = 1
-        return out[0] if isinstance(out, (tuple, list)) else out
+            self.injector.window, self.injector.batch = (0, 1), 1
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.reshape(rows, tail, width)
+
+    def layer(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
+        batch = hidden.shape[0]
+        outs = [self._call(j, hidden[lo:lo + self.row_chunk], lo, min(lo + self.row_chunk, batch), batch)
+                for lo in range(0, batch, self.row_chunk)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+_CACHE = object()  # placeholder for the per-call cache in packed arguments
 
 
 @dataclass
@@ -270,7 +368,8 @@ def attribute_ids(
             if prompt.shape[1] > 1:
                 injector.record_position = None
                 cache = model(prompt[:, :-1], use_cache=True).past_key_values
-            runner = _TailRunner(parts, injector, cache)  # snapshots the prefix keys/values
+            runner = _TailRunner(parts, injector, cache, prompt.shape[1] - 1,
+                                 getattr(model.config, "_attn_implementation", None))
             capture = _Capture(parts)
             injector.record_position = 0
             out = model(tail_ids, past_key_values=cache, use_cache=cache is not None)

@@ -22,7 +22,7 @@ _CPU_DEFAULTS = ["--dtype", "float32", "--max-model-len", "2048"]
 
 def build_command(
     model: str, sets: Path | None, host: str, port: int, max_neurons: int | None,
-    slots: int | None, extra: list[str],
+    slots: int | None, extra: list[str], experiments: Path | None = None, ab_log: Path | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) for ``vllm serve``; the model is resolved/prepared first."""
     from kn_steer.models import resolve_model
@@ -38,6 +38,12 @@ def build_command(
         env["KN_STEER_MAX_NEURONS"] = str(max_neurons)
     if slots is not None:
         env["KN_STEER_SLOTS"] = str(slots)
+    if experiments is not None:
+        if not experiments.is_file():
+            raise KnSteerError(f"experiments config {experiments} does not exist")
+        env["KN_STEER_EXPERIMENTS"] = str(experiments.expanduser().resolve())
+    if ab_log is not None:
+        env["KN_STEER_AB_LOG"] = str(ab_log.expanduser().resolve())
     env.pop("KN_STEER_DISABLE", None)
     if importlib.util.find_spec("vllm") is None:
         raise KnSteerError("vLLM is not installed: pip install 'kn-steer[cpu]' (or [gpu])")
@@ -65,11 +71,15 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000),
         max_neurons: Optional[int] = typer.Option(None, help="most neurons one request may touch"),
         slots: Optional[int] = typer.Option(None, help="mask slots per layer (default 2*max_num_seqs+1)"),
+        experiments: Optional[Path] = typer.Option(None, help="A/B experiments config (JSON); sets $KN_STEER_EXPERIMENTS"),
+        ab_log: Optional[Path] = typer.Option(None, help="A/B assignment log (JSONL); sets $KN_STEER_AB_LOG"),
         dry_run: bool = typer.Option(False, help="print the vLLM command and exit"),
     ) -> None:
         """Serve MODEL with per-request neuron steering (extra args after `--` go to `vllm serve`)."""
         extra: List[str] = list(ctx.args)
-        argv, env = build_command(model, sets, host, port, max_neurons, slots, extra)
+        argv, env = build_command(
+            model, sets, host, port, max_neurons, slots, extra, experiments, ab_log
+        )
         if dry_run:
             typer.echo(" ".join(argv))
             return
