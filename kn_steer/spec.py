@@ -129,14 +129,19 @@ class SparseMask:
             digest.update(np.ascontiguousarray(arr).tobytes())
         return digest.hexdigest()[:24]
 
-    def to_wire(self) -> dict[str, list]:
-        return {"l": self.layers.tolist(), "i": self.indices.tolist(),
-                "m": self.mul.tolist(), "a": self.add.tolist()}
+    def to_wire(self) -> dict[str, bytes]:
+        """Raw little-endian bytes: cheap to copy, msgpack and pickle, whatever the neuron count."""
+        return {"l": self.layers.astype("<i4").tobytes(), "i": self.indices.astype("<i4").tobytes(),
+                "m": self.mul.astype("<f4").tobytes(), "a": self.add.astype("<f4").tobytes()}
 
     @classmethod
-    def from_wire(cls, wire: Mapping[str, list]) -> "SparseMask":
-        return cls(np.asarray(wire["l"], np.int32), np.asarray(wire["i"], np.int32),
-                   np.asarray(wire["m"], np.float32), np.asarray(wire["a"], np.float32))
+    def from_wire(cls, wire: Mapping[str, Any]) -> "SparseMask":
+        def arr(value: Any, dtype: str) -> np.ndarray:
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                return np.frombuffer(value, dtype=dtype).astype(dtype[1:], copy=True)
+            return np.asarray(value, dtype=dtype[1:])
+
+        return cls(arr(wire["l"], "<i4"), arr(wire["i"], "<i4"), arr(wire["m"], "<f4"), arr(wire["a"], "<f4"))
 
     @classmethod
     def empty(cls) -> "SparseMask":

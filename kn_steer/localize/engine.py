@@ -179,7 +179,7 @@ def _hidden_of(call: tuple[tuple, dict]) -> torch.Tensor:
 
 # rows per packed layer call: the attention of a call costs (prefix + rows) per row, the matmuls
 # want many rows; ~128 balances both on CPU
-ROW_CHUNK = 128
+ROW_CHUNK = int(__import__("os").environ.get("KN_ROW_CHUNK", "128"))
 
 
 class _TailRunner:

@@ -15,6 +15,7 @@ Two entry points, both patched on the class:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import uuid
@@ -127,11 +128,15 @@ def _wrap_process_inputs(orig):
             spec, compiled, _ = resolve(ctx, extra[RAW_KEY], request_id)
             if getattr(params, "use_beam_search", False):
                 raise SteeringRequestError("kn_steer cannot be combined with beam search")
-        request = orig(self, request_id, prompt, params, *args, **kwargs)
+        # vLLM deep-copies offline SamplingParams; hand it a shallow copy without the (possibly
+        # 46k-neuron) spec so that copy stays cheap. The caller's params object is not modified.
+        light = copy.copy(params)
+        light.extra_args = {k: v for k, v in extra.items() if k not in (RAW_KEY, WIRE_KEY)} or None
+        request = orig(self, request_id, prompt, light, *args, **kwargs)
         sp = request.sampling_params
-        new_extra = {k: v for k, v in (sp.extra_args or {}).items() if k != WIRE_KEY}
-        if compiled is not None:  # the resolved spec, JSON-able for the engine's msgpack
-            new_extra[RAW_KEY] = spec.model_dump(mode="json", exclude_none=True)
+        new_extra = dict(sp.extra_args or {})
+        if compiled is not None:  # a small summary only: the engine reads the compiled masks
+            new_extra[RAW_KEY] = {"applied": compiled.applied}
         if compiled is not None and not compiled.is_identity:
             new_extra[WIRE_KEY] = {"prompt": compiled.prompt.to_wire(), "generated": compiled.generated.to_wire()}
             request.cache_salt = _salt(request.cache_salt, compiled)
