@@ -109,12 +109,14 @@ def plot_distribution(ns: NeuronSet, path: str | os.PathLike, annotate: int = 5)
     )
     if scored:
         # A small deterministic jitter separates neurons of one layer without hiding their layer.
-        jitter = [((n.index * 2654435761) % 1000 / 1000 - 0.5) * 0.35 for n in scored]
-        ax_score.scatter([n.layer + j for n, j in zip(scored, jitter)], [n.score for n in scored],
+        def x_of(n: Neuron) -> float:
+            return n.layer + ((n.index * 2654435761) % 1000 / 1000 - 0.5) * 0.35
+
+        ax_score.scatter([x_of(n) for n in scored], [n.score for n in scored],
                          s=18, alpha=0.7, color="tab:blue", edgecolors="none")
         for n in ns.top(annotate):
             if n.score is not None:
-                ax_score.annotate(f"L{n.layer}.{n.index}", (n.layer, n.score), fontsize=8,
+                ax_score.annotate(f"L{n.layer}.{n.index}", (x_of(n), n.score), fontsize=8,
                                   xytext=(4, 3), textcoords="offset points")
         ax_score.set_ylabel("score")
     else:

@@ -55,6 +55,9 @@ def steer(model: nn.Module, compiled: CompiledSteering, prompt_length: int) -> I
         def hook(_module, args):
             (h,) = args[:1]
             is_prompt = state["is_prompt"]
+            if h.dim() == 2 and h.shape[0] != is_prompt.shape[0]:
+                # OPT flattens (batch, tokens) to rows b * T + t before its MLP.
+                is_prompt = is_prompt.repeat(h.shape[0] // is_prompt.shape[0], 1)
             mul = torch.where(is_prompt, mul_p, mul_g)
             add = torch.where(is_prompt, add_p, add_g)
             return (h * mul + add, *args[1:])
