@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -71,6 +72,7 @@ def worker(args: argparse.Namespace) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         scores[method] = run(method)
         out[method] = {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+    out["loadavg_1m_after"] = os.getloadavg()[0]  # other jobs on the machine skew the timings
     out["peak_rss_mb"] = _rss_mb()
     out["peak_rss_above_model_mb"] = _rss_mb() - loaded_rss
     torch.save(scores, args.scores)
@@ -90,7 +92,9 @@ def _spawn(variant: str, index: int, methods: str, args: argparse.Namespace, tmp
     line = [l for l in done.stdout.splitlines() if l.startswith("{")][-1]
     result = json.loads(line)
     print(f"  {variant:<12} #{index} ({result['tokens']} tokens): "
-          + ", ".join(f"{m} {result[m]['seconds']:.2f}s" for m in methods.split(",")), flush=True)
+          + ", ".join(f"{m} {result[m]['seconds']:.2f}s (cpu {result[m]['cpu_seconds']:.2f}s)"
+                      for m in methods.split(","))
+          + f", load {result['loadavg_1m_after']:.1f}", flush=True)
     return result, torch.load(scores)
 
 

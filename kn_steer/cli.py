@@ -22,13 +22,7 @@ _AREAS = (
     "kn_steer.ab.cli",
 )
 for _name in _AREAS:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as _exc:  # an area not built yet
-        if _exc.name is None or not (_name == _exc.name or _name.startswith(_exc.name + ".")):
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(_name).register(app)
 
 
 def main() -> None:

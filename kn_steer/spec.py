@@ -102,11 +102,10 @@ def parse_spec(raw: Any, where: str = "kn_steer") -> SteeringSpec:
     try:
         return SteeringSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{where}." + ".".join(str(p) for p in err["loc"]) + f": {err['msg']}"
-            if err["loc"] else f"{where}: {err['msg']}"
-            for err in exc.errors()
-        )
+        def path(loc: tuple) -> str:  # kn_steer.interventions[0].factor, like compile_spec's errors
+            return where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+
+        problems = "; ".join(f"{path(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise SpecError(problems) from exc
 
 
