@@ -11,13 +11,13 @@ swaps the two). No final-norm or bias terms are applied: this is a label, not a 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from kn_steer.fileio import atomic_savefig
 from kn_steer.neuron_set import ModelIdentity, Neuron, NeuronSet
 
 
@@ -136,15 +136,4 @@ def plot_distribution(ns: NeuronSet, path: str | os.PathLike, annotate: int = 5)
     ax_count.yaxis.get_major_locator().set_params(integer=True)
     ax_count.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return path
+    return atomic_savefig(fig, path)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,7 +10,7 @@ from kn_steer.ab.config import ExperimentsConfig
 from kn_steer.ab.log import Joined, read_log
 from kn_steer.ab.stats import ExperimentStats, experiment_stats
 from kn_steer.errors import KnSteerError
-from kn_steer.fileio import atomic_write_json
+from kn_steer.fileio import atomic_write_json, atomic_savefig
 
 
 def build_report(
@@ -133,15 +131,4 @@ def plot(reports: Sequence[ExperimentStats], path: str | Path) -> Path:
         ax_n.set_title("requests per arm")
         ax_n.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return path
+    return atomic_savefig(fig, path)
