@@ -48,6 +48,8 @@ def worker(args: argparse.Namespace) -> None:
     from kn_steer.localize.engine import attribute_ids, encode_prompt, encode_target
     from kn_steer.models import load_hf_model, resolve_model
 
+    if args.threads:  # 1 thread: robust timings while other jobs oversubscribe the cores
+        torch.set_num_threads(args.threads)
     example = _load_examples(args.data, args.index + 1)[args.index]
     model, tok = load_hf_model(resolve_model("smollm2-135m"), device=args.device)
     prompt = encode_prompt(tok, example.full_prompt)
@@ -85,7 +87,7 @@ def _spawn(variant: str, index: int, methods: str, args: argparse.Namespace, tmp
     scores = tmp / f"{variant}-{index}.pt"
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--index", str(index),
            "--methods", methods, "--steps", str(args.steps), "--data", str(args.data),
-           "--scores", str(scores), "--device", args.device]
+           "--scores", str(scores), "--device", args.device, "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"worker {variant} #{index} failed:\n{done.stderr[-3000:]}")
@@ -110,6 +112,7 @@ def main() -> None:
     parser.add_argument("--ref-methods", default="ircan")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "localize.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="fast", help=argparse.SUPPRESS)
@@ -176,7 +179,7 @@ def main() -> None:
     fo = [a for a in agreement if a["kind"] == "first-order vs IG"]
     result = {
         "benchmark": "localize", "model": "smollm2-135m (float32)", "steps": args.steps,
-        "data": str(args.data), "device": args.device, "machine": platform.platform(),
+        "data": str(args.data), "device": args.device, "threads": args.threads, "machine": platform.platform(),
         "ircan_published_seconds_per_example": IRCAN_PUBLISHED_S,
         "summary": summary, "speedup": speedups, "agreement": agreement,
         "first_order_mean": {"spearman": _mean([a["spearman"] for a in fo]),

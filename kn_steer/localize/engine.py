@@ -22,10 +22,11 @@ evaluations instead of ``L * m`` full forwards. Every row computes exactly what 
 with the same replacement computes (same ops on the same inputs), so the result equals the
 per-layer reference up to floating-point summation order.
 
-The decoder layers are called directly with the keyword arguments they received in the clean run
-(rotary embeddings, masks, positions, ...) and a cache whose only filled layer holds the prefix
-keys/values expanded to the batch, so no family-specific code lives here: paths come from
-:mod:`kn_steer.adapters`.
+The decoder layers are called directly with the arguments they received in the clean run
+(rotary embeddings, masks, positions, ...), with the batch rows packed one after another along the
+sequence axis of a batch-1 call over the batch-1 prefix cache and an attention mask that lets each
+row see only the prefix and its own tail (see ``_TailRunner``): the prefix keys/values are never
+copied per row. No family-specific code lives here: paths come from :mod:`kn_steer.adapters`.
 """
 
 from __future__ import annotations
