@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -60,3 +60,25 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "data file") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; a bad line is a DataError naming file:line."""
+    from kn_steer.errors import DataError
+
+    path = Path(path)
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+            yield number, obj

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from kn_steer.errors import DataError, KnSteerError
+from kn_steer.fileio import read_jsonl
 
 LOG_ENV = "KN_STEER_AB_LOG"
 LOG_PROMPTS_ENV = "KN_STEER_AB_LOG_PROMPTS"
@@ -141,29 +142,17 @@ class AssignmentLog:
 
 def iter_records(path: str | Path) -> Iterable[tuple[int, AssignmentRecord | OutcomeRecord]]:
     """(line, record) for every line; a malformed line is a DataError naming file and line."""
-    path = Path(path)
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read A/B log {path}: {exc.strerror}") from exc
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            kind = obj.get("type") if isinstance(obj, dict) else None
-            model = {"assignment": AssignmentRecord, "outcome": OutcomeRecord}.get(kind)  # type: ignore[arg-type]
-            if model is None:
-                raise DataError(f"{path}:{number}: field 'type' should be 'assignment' or 'outcome', got {kind!r}")
-            try:
-                yield number, model.model_validate(obj)
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                loc = ".".join(str(p) for p in first["loc"]) or "(record)"
-                raise DataError(f"{path}:{number}: field {loc!r}: {first['msg']}") from exc
+    for number, obj in read_jsonl(path, "A/B log"):
+        kind = obj.get("type")
+        model = {"assignment": AssignmentRecord, "outcome": OutcomeRecord}.get(kind)  # type: ignore[arg-type]
+        if model is None:
+            raise DataError(f"{path}:{number}: field 'type' should be 'assignment' or 'outcome', got {kind!r}")
+        try:
+            yield number, model.model_validate(obj)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "(record)"
+            raise DataError(f"{path}:{number}: field {loc!r}: {first['msg']}") from exc
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kn_steer.errors import DataError
+from kn_steer.fileio import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -38,26 +39,6 @@ class ChoiceItem:
 
 def _where(path: Path, line: int) -> str:
     return f"{path}:{line}"
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; a bad line is a :class:`DataError`."""
-    path = Path(path)
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read data file {path}: {exc.strerror}") from exc
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{_where(path, number)}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise DataError(f"{_where(path, number)}: expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
 
 
 def read_json_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -13,7 +13,6 @@ are listed in :attr:`Relation.skipped_patterns`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from kn_steer.errors import DataError
+from kn_steer.fileio import read_jsonl
 
 _TAIL_OK = re.compile(r"^[\s.!?,;:]*$")  # what may follow [Y] in a usable pattern
 
@@ -87,26 +87,13 @@ def fill(prefix: str, subject: str) -> str:
 
 def _read_jsonl(path: Path, fields: Sequence[str]) -> Iterable[tuple[int, dict]]:
     """Yield (line number, record) with every field present and a non-empty string."""
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
-    with handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object")
-            for name in fields:
-                value = record.get(name)
-                if not isinstance(value, str) or not value.strip():
-                    what = "missing" if name not in record else "not a non-empty string"
-                    raise DataError(f"{path}:{number}: field {name!r} is {what}")
-            yield number, record
+    for number, record in read_jsonl(path):
+        for name in fields:
+            value = record.get(name)
+            if not isinstance(value, str) or not value.strip():
+                what = "missing" if name not in record else "not a non-empty string"
+                raise DataError(f"{path}:{number}: field {name!r} is {what}")
+        yield number, record
 
 
 def load_relation(folder: str | os.PathLike, relation: str) -> Relation:
