@@ -64,11 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=shared_data_dir())
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--loc-n", type=int, default=None, help="dev items used for localization (first N)")
-    p.add_argument("--grid-n", type=int, default=None, help="dev items after those, for the h/beta grid")
+    p.add_argument("--grid-n", type=int, default=None, help="dev items after those, for the h/beta grid (default: the rest of dev)")
     p.add_argument("--test-n", type=int, default=None, help="test items (first N; default all)")
-    p.add_argument("--steps", type=int, default=10, help="integrated-gradients steps m")
+    p.add_argument("--steps", type=int, default=20, help="integrated-gradients steps m")
     p.add_argument("--k", type=int, default=20, help="neurons kept per example")
-    p.add_argument("--hs", default="10,20,40", help="grid of neuron counts h")
+    p.add_argument("--hs", default="5,10,20,40,80", help="grid of neuron counts h")
     p.add_argument("--betas", default="2,4,8", help="grid of factors beta")
     p.add_argument("--seeds", type=int, default=5, help="random-neuron control seeds")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
@@ -78,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# Subsets sized for a shared, heavily loaded 2-core machine (documented in the results JSON).
-DEFAULTS = {"memotrap": dict(loc_n=50, grid_n=100, test_n=250), "kre": dict(loc_n=40, grid_n=80, test_n=150)}
+# Localization on the first dev items, the h/beta grid on the rest of dev (None: all), full test.
+DEFAULTS = {"memotrap": dict(loc_n=200, grid_n=None, test_n=None), "kre": dict(loc_n=200, grid_n=None, test_n=None)}
 
 
 class Cache:
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dev_path, test_path = args.data_dir / ds.dev, args.data_dir / ds.test
     dev = load_items(dev_path, ds.format)
     test = load_items(test_path, ds.format)
-    loc_items, grid_items = dev[:loc_n], dev[loc_n:loc_n + grid_n]
+    loc_items = dev[:loc_n]
+    grid_items = dev[loc_n:] if grid_n is None else dev[loc_n:loc_n + grid_n]
     test_items = test[:test_n] if test_n else test
     hs = [int(h) for h in args.hs.split(",")]
     betas = [float(b) for b in args.betas.split(",")]

@@ -9,12 +9,12 @@
    every position) the top N neurons of relation r and report the accuracy on r's prompts and
    on the other evaluated relations' prompts, for several N (cumulativity), against N random
    neurons drawn uniformly over all layers (several seeds; interference).
-3. ``--ship P36 P37 ...`` writes neuron_sets/smollm2-135m-relation-<P>.json (top ``--ship-count``
+3. ``--ship P36:10 P37:100 ...`` writes neuron_sets/smollm2-135m-relation-<P>.json (top N, default ``--ship-count``
    neurons, clamp 0) with the measured effect and the command that reproduces the set.
 
 Every scored condition is cached (``$KN_STEER_CACHE/bench/relation``): a rerun resumes.
 
-    .venv/bin/python benchmarks/repro_relation.py --ship P36 P103
+    .venv/bin/python benchmarks/repro_relation.py --ship P36:10 P37:100
 """
 
 from __future__ import annotations
@@ -66,17 +66,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--relations", nargs="+", default=["P36", "P103", "P30", "P17", "P1376", "P37"],
+    ap.add_argument("--relations", nargs="+", default=["P36", "P1376", "P30", "P17", "P103", "P37", "P27", "P407"],
                     help="relations evaluated (accuracy on r and interference on the others)")
     ap.add_argument("--counts", nargs="+", type=int, default=[10, 50, 100, 500, 1000])
-    ap.add_argument("--seeds", type=int, default=2, help="random controls per N")
-    ap.add_argument("--test-facts", type=int, default=40, help="held-out facts per relation")
+    ap.add_argument("--seeds", type=int, default=5, help="random controls per N")
+    ap.add_argument("--test-facts", type=int, default=150, help="held-out facts per relation")
     ap.add_argument("--test-prompts", type=int, default=2, help="prompts per held-out fact")
-    ap.add_argument("--ship", nargs="*", default=[], help="relations to write neuron sets for")
+    ap.add_argument("--ship", nargs="*", default=[], metavar="REL[:N]",
+                    help="relations to write neuron sets for, each with its own N (default --ship-count)")
     ap.add_argument("--ship-count", type=int, default=100)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "relation_pararel.json")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
+    ship_counts = {}
+    for item in args.ship:
+        r, _, n = item.partition(":")
+        if n and not n.isdigit():
+            ap.error(f"--ship {item}: N must be a positive integer")
+        ship_counts[r] = int(n) if n else args.ship_count
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
@@ -89,8 +96,8 @@ def main() -> None:
     relations = load_pararel(args.data)
 
     # 1. localization: AP of every neuron for each evaluated/shipped relation (top lists cached)
-    wanted = list(dict.fromkeys(args.relations + args.ship))
-    keep = max(max(args.counts), args.ship_count)
+    wanted = list(dict.fromkeys(args.relations + list(ship_counts)))
+    keep = max(max(args.counts), *ship_counts.values(), args.ship_count)
     corpus = rel.relation_prompts(relations)  # train split, the CLI's defaults
     tops: dict[str, list] = {}
     missing = [r for r in wanted if cache.get(f"top/{r}/{keep}") is None]
@@ -177,12 +184,12 @@ def main() -> None:
     plot(result, args.out.with_suffix(".png"))
     log(f"wrote {args.out}")
 
-    for r in args.ship:
-        ship(r, tops[r][: args.ship_count], result, ref, model, args)
+    for r, n in ship_counts.items():
+        ship(r, tops[r][:n], result, ref, model, args)
 
 
 def ship(r: str, top: list, result: dict, ref: Any, model: Any, args: argparse.Namespace) -> None:
-    row = next((x for x in result["rows"] if x["relation"] == r and x["n"] == args.ship_count), None)
+    row = next((x for x in result["rows"] if x["relation"] == r and x["n"] == len(top)), None)
     effect = (f" Measured (held-out PARAREL prompts the model answers correctly): accuracy on {r} "
               f"{row['acc_relation']:.2f} vs {row['acc_others']:.2f} on other relations; {len(top)} random "
               f"neurons: {row['random_acc_relation']:.2f} / {row['random_acc_others']:.2f}."

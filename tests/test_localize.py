@@ -43,16 +43,16 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 def test_loaders_name_file_line_and_field(tmp_path: Path) -> None:
     good = {"prompts": ["The capital of France is"], "target": " Paris"}
     path = _write_jsonl(tmp_path / "kn.jsonl", [good, "", {"prompts": ["x"]}])
-    with pytest.raises(DataError, match=r"kn\.jsonl, line 3: missing field 'target'"):
+    with pytest.raises(DataError, match=r"kn\.jsonl:3: missing field 'target'"):
         load_examples(path, KNExample)
     path = _write_jsonl(tmp_path / "bad.jsonl", ["{not json"])
-    with pytest.raises(DataError, match=r"line 1: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: not valid JSON"):
         load_examples(path, KNExample)
     path = _write_jsonl(tmp_path / "ir.jsonl", [{"context": "c: ", "prompt": "q", "targt": " a"}])
-    with pytest.raises(DataError, match=r"line 1: .*missing field 'target'.*unknown field 'targt'"):
+    with pytest.raises(DataError, match=r"ir\.jsonl:1: .*missing field 'target'.*unknown field 'targt'"):
         load_examples(path, IRCANExample)
     path = _write_jsonl(tmp_path / "dup.jsonl", [{**good, "id": "a"}, {**good, "id": "a"}])
-    with pytest.raises(DataError, match=r"line 2: id 'a' already used on line 1"):
+    with pytest.raises(DataError, match=r"dup\.jsonl:2: id 'a' already used on line 1"):
         load_examples(path, KNExample)
     with pytest.raises(DataError, match="cannot read"):
         load_examples(tmp_path / "missing.jsonl", KNExample)
@@ -195,7 +195,7 @@ def test_cli_localize_kn(default_ref, tmp_path: Path) -> None:
 def test_cli_bad_input_exits_with_a_message(tmp_path: Path) -> None:
     data = _write_jsonl(tmp_path / "facts.jsonl", [{"prompts": ["The capital of France is"]}])
     done = _cli("localize", "--method", "kn", "--data", str(data), "--out", str(tmp_path / "x.json"), cwd=ROOT)
-    assert done.returncode == 2 and "facts.jsonl, line 1: missing field 'target'" in done.stderr
+    assert done.returncode == 2 and "facts.jsonl:1: missing field 'target'" in done.stderr
     done = _cli("localize", "--method", "nope", "--data", str(data), "--out", str(tmp_path / "x.json"), cwd=ROOT)
     assert done.returncode == 2 and "available: " in done.stderr and "ircan" in done.stderr
     done = _cli("localize", "--method", "kn", "--top-k", "3", "--data", str(data),

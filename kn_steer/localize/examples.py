@@ -27,6 +27,7 @@ from typing import Any, Iterable, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kn_steer.errors import DataError
+from kn_steer.fileio import read_jsonl
 
 
 class _Example(BaseModel):
@@ -85,36 +86,21 @@ def _describe(exc: ValidationError) -> str:
 def load_examples(path: str | Path, model: type[E], limit: int | None = None) -> list[E]:
     """Read a JSONL file of ``model`` examples; a bad line raises DataError naming file and line."""
     path = Path(path)
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read data file {path}: {exc.strerror}") from exc
     examples: list[E] = []
     seen: dict[str, int] = {}
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(raw, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object")
-            try:
-                example = model.model_validate(raw)
-            except ValidationError as exc:
-                raise DataError(f"{path}, line {number}: {_describe(exc)}") from exc
-            if example.id is None:
-                example.id = f"{path.name}:{number}"
-            if example.id in seen:
-                raise DataError(
-                    f"{path}, line {number}: id {example.id!r} already used on line {seen[example.id]}"
-                )
-            seen[example.id] = number
-            examples.append(example)
-            if limit is not None and len(examples) >= limit:
-                break
+    for number, raw in read_jsonl(path):
+        try:
+            example = model.model_validate(raw)
+        except ValidationError as exc:
+            raise DataError(f"{path}:{number}: {_describe(exc)}") from exc
+        if example.id is None:
+            example.id = f"{path.name}:{number}"
+        if example.id in seen:
+            raise DataError(f"{path}:{number}: id {example.id!r} already used on line {seen[example.id]}")
+        seen[example.id] = number
+        examples.append(example)
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
