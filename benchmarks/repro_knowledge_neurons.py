@@ -85,16 +85,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--relations", nargs="+", default=["P36", "P1376", "P30", "P17", "P103", "P27", "P364", "P407"])
+    ap.add_argument("--relations", nargs="+", default=["P36", "P1376", "P30", "P103", "P27", "P407", "P37", "P140"])
     ap.add_argument("--facts", type=int, default=200, help="known facts to localize (spread over relations)")
     ap.add_argument("--paraphrases", type=int, default=3)
-    ap.add_argument("--scan", type=int, default=120, help="facts screened per relation")
+    ap.add_argument("--scan", type=int, default=400, help="facts screened per relation")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--first-order", action="store_true", help="gradient x activation (approximation)")
-    ap.add_argument("--budget-s", type=float, default=35 * 60, help="stop localizing new facts after this")
+    ap.add_argument("--budget-s", type=float, default=None, help="stop localizing new facts after this many seconds")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seeds", type=int, default=3, help="random controls per fact")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kn_pararel.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.time()
 
     ref = resolve_model(args.model)
@@ -144,7 +147,7 @@ def main() -> None:
         digest = example_hash(ex)
         result = checkpoint.get(ex.id, digest)
         if result is None:
-            if time.time() - started > args.budget_s:
+            if args.budget_s is not None and time.time() - started > args.budget_s:
                 log(f"budget reached after {len(done)} facts")
                 break
             t0 = time.time()
