@@ -170,9 +170,19 @@ def score_cached(ev: HFEvaluator, encoded: list, neurons: list[tuple[int, int]],
         cache.put(key, hit)
     scores = [ItemScore(e.item.id, tuple(lp), e.item.faithful, e.item.trap) for e, lp in zip(encoded, hit["logprobs"])]
     summary = summarize(scores)
+    summary["correct"] = [s.correct for s in scores]  # per item, for the paired tests; not written out
     print(f"  {label:<40} acc {summary['accuracy']:.4f}  trap {summary['trap_rate']:.4f}  "
           f"({len(scores)} items, {hit['seconds']:.0f}s)", flush=True)
     return summary
+
+
+def paired(arm: list[bool], control: list[bool]) -> dict[str, Any]:
+    """Exact McNemar test of two conditions on the same items (kn_steer.ab.stats)."""
+    from kn_steer.ab.stats import compare_paired_binary
+
+    c = compare_paired_binary(list(zip(arm, control)))
+    wins = sum(1 for a, b in zip(arm, control) if a and not b)
+    return {"p_value": c.p_value, "items_won": wins, "items_lost": sum(1 for a, b in zip(arm, control) if b and not a)}
 
 
 def random_neurons(count: int, seed: int, num_layers: int, width: int) -> list[tuple[int, int]]:
@@ -229,7 +239,8 @@ def ship(result: dict[str, Any], ev: HFEvaluator, dev_path: Path, command: str) 
         f"h={ch['h']} most frequent); default: scale by {ch['beta']}. Measured on {result['dataset']} test "
         f"({t['n']} items): accuracy {t['unsteered']['accuracy']:.3f} -> {t['ircan']['accuracy']:.3f} "
         f"(random neurons {t['random']['accuracy']['mean']:.3f} ± {t['random']['accuracy']['sd']:.3f}), "
-        f"trap rate {t['unsteered']['trap_rate']:.3f} -> {t['ircan']['trap_rate']:.3f}."
+        f"trap rate {t['unsteered']['trap_rate']:.3f} -> {t['ircan']['trap_rate']:.3f} "
+        f"(exact McNemar vs unsteered p={t['mcnemar_ircan_vs_unsteered']['p_value']:.2g})."
     )
     ns = NeuronSet(
         name=name, description=description, model=ev.identity,
@@ -289,10 +300,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_enc = ev.encode(test_items)
     unsteered = score_cached(ev, test_enc, [], 1.0, cache, "test unsteered")
     ircan = score_cached(ev, test_enc, chosen, beta, cache, f"test IRCAN h={h} beta={beta}")
+    ircan_correct, base_correct = ircan.pop("correct"), unsteered.pop("correct")
     per_seed = []
     for seed in range(args.seeds):
         rnd = random_neurons(h, seed, ev.shape.num_layers, ev.shape.intermediate_size)
-        per_seed.append({"seed": seed, **score_cached(ev, test_enc, rnd, beta, cache, f"test random seed={seed}")})
+        row = score_cached(ev, test_enc, rnd, beta, cache, f"test random seed={seed}")
+        row["mcnemar_ircan_vs_this"] = paired(ircan_correct, row.pop("correct"))
+        per_seed.append({"seed": seed, **row})
+    for g in grid:
+        g.pop("correct", None)
     result = {
         "dataset": args.dataset,
         "model": ev.ref.name,
@@ -312,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "n": len(test_items),
             "unsteered": unsteered,
             "ircan": ircan,
+            "mcnemar_ircan_vs_unsteered": paired(ircan_correct, base_correct),
             "random": {"accuracy": mean_sd([r["accuracy"] for r in per_seed]),
                        "trap_rate": mean_sd([r["trap_rate"] for r in per_seed]), "per_seed": per_seed},
         },
