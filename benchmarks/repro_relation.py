@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--ship-count", type=int, default=100)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "relation_pararel.json")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--min-known", type=int, default=10,
+                    help="evaluate only relations with at least this many known held-out prompts")
     args = ap.parse_args()
     ship_counts = {}
     for item in args.ship:
@@ -142,22 +144,30 @@ def main() -> None:
             cache.put(key, hit)
         return hit
 
-    # 3. top-N of each relation vs random N
+    # 3. top-N of each relation vs random N (relations with too few known prompts are skipped)
+    evaluated = [r for r in args.relations if known_n[r] >= args.min_known]
+    skipped = {r: known_n[r] for r in args.relations if known_n[r] < args.min_known}
+    if skipped:
+        log(f"fewer than {args.min_known} known prompts, not evaluated: {skipped}")
+
+    def pooled(acc: dict[str, float], rels: list[str]) -> float:
+        """Accuracy over all prompts of ``rels`` (each relation weighted by its prompt count)."""
+        return sum(acc[o] * known_n[o] for o in rels) / sum(known_n[o] for o in rels)
+
     rows = []
     for n in args.counts:
         randoms = [accuracy(rel.random_neurons(n, shape, seed), f"random/{n}/{seed}") for seed in range(args.seeds)]
-        for r in args.relations:
-            if not known_n[r]:
-                continue
+        for r in evaluated:
             acc = accuracy([(l, i) for l, i, _ in tops[r][:n]], f"top/{r}/{n}/eval")
-            others = [o for o in args.relations if o != r and known_n[o]]
+            others = [o for o in evaluated if o != r]
             row = {
                 "relation": r, "n": n,
-                "acc_relation": acc[r], "acc_others": statistics.mean(acc[o] for o in others),
+                "acc_relation": acc[r], "acc_others": pooled(acc, others),
                 "acc_others_by_relation": {o: acc[o] for o in others},
                 "random_acc_relation": statistics.mean(x[r] for x in randoms),
-                "random_acc_relation_sd": statistics.pstdev([x[r] for x in randoms]),
-                "random_acc_others": statistics.mean(statistics.mean(x[o] for o in others) for x in randoms),
+                "random_acc_relation_sd": statistics.stdev([x[r] for x in randoms]) if len(randoms) > 1 else 0.0,
+                "random_acc_others": statistics.mean(pooled(x, others) for x in randoms),
+                "random_acc_others_sd": statistics.stdev([pooled(x, others) for x in randoms]) if len(randoms) > 1 else 0.0,
                 "ap_at_n": tops[r][n - 1][2],
             }
             rows.append(row)
@@ -174,9 +184,11 @@ def main() -> None:
                         "prompts the unsteered model answers correctly (greedy first token), so unsteered "
                         "accuracy is 1.0 on this set",
             "intervention": "clamp to 0 at every position (kn_steer.reference.steer)",
-            "random": f"N neurons uniform over all layers, {args.seeds} seeds, mean",
+            "random": f"N neurons uniform over all layers, {args.seeds} seeds, mean (sd)",
+            "others": "accuracy pooled over the other evaluated relations' prompts",
         },
         "baseline_accuracy_all_heldout": baseline_acc, "known_prompts": known_n,
+        "not_evaluated_too_few_known": skipped,
         "rows": rows, "seconds": round(time.time() - started, 1),
         "command": "python benchmarks/repro_relation.py " + " ".join(sys.argv[1:]),
     }
@@ -195,7 +207,6 @@ def ship(r: str, top: list, result: dict, ref: Any, model: Any, args: argparse.N
               f"neurons: {row['random_acc_relation']:.2f} / {row['random_acc_others']:.2f}."
               if row else "")
     out = ROOT / "neuron_sets" / f"smollm2-135m-relation-{r}.json"
-    data = args.data if args.data.is_absolute() else args.data.resolve()
     ns = NeuronSet(
         name=f"smollm2-135m-relation-{r}",
         description=f"Relation-specific neurons of PARAREL relation {r}: the {len(top)} MLP neurons whose "

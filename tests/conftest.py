@@ -54,3 +54,11 @@ def build_tiny_model(family: str, seed: int = 0):
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_model(request):
     return build_tiny_model(request.param)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    helpers = sys.modules.get("serving_helpers")
+    if helpers is not None:
+        helpers.close_shared()

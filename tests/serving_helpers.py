@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 ENGINE_KW: dict[str, Any] = dict(
     dtype="float32", max_model_len=512, max_num_seqs=64, seed=0, enable_prefix_caching=True,
@@ -202,20 +201,12 @@ def server() -> Server:
     return _state["server"]
 
 
-# ----- fixtures (import them into a test module) ----------------------------------------------------
-@pytest.fixture(scope="session")
-def vllm_llm():
-    return offline_llm()
-
-
-@pytest.fixture(scope="session")
-def vllm_server():
-    return server()
-
-
-@pytest.fixture(scope="session")
-def test_sets_dir():
-    return sets_dir()
+def close_shared() -> None:
+    """Shut the shared offline engine down (pytest_sessionfinish): at interpreter exit vLLM's
+    shutdown logging would write to pytest's already closed capture streams."""
+    llm = _state.pop("llm", None)
+    if llm is not None:
+        shutdown(llm)
 
 
 def greedy(max_tokens: int, spec: Any = None, logprobs: int | None = None):
