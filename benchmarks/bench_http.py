@@ -56,7 +56,7 @@ def server_command(port: int, env: dict[str, str]) -> list[str]:
             metadata.version("vllm")
             return [str(BIN / "kn-steer"), "serve", "--port", str(port)]
         except metadata.PackageNotFoundError:
-            from kn_steer.registry import ENV_VAR, default_sets_dir
+            from kn_steer.sets.registry import ENV_VAR, default_sets_dir
 
             env.setdefault(ENV_VAR, str(default_sets_dir().resolve()))
             return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", argv[2], *argv[3:]]

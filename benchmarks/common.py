@@ -62,7 +62,7 @@ def default_model_info() -> dict[str, Any]:
     """Path and shape of the default model (prepared on first use)."""
     from transformers import AutoConfig
 
-    from kn_steer.adapters import ModelShape
+    from kn_steer.models.families import ModelShape
     from kn_steer.models import resolve_model
 
     ref = resolve_model("smollm2-135m")

@@ -227,7 +227,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def ship(result: dict[str, Any], ev: HFEvaluator, dev_path: Path, command: str) -> Path:
-    from kn_steer.neuron_set import MethodInfo, Neuron, NeuronSet, Operation, Provenance
+    from kn_steer.sets.format import MethodInfo, Neuron, NeuronSet, Operation, Provenance
 
     name = f"smollm2-135m-context-{result['dataset']}"
     t = result["test"]

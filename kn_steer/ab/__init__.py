@@ -51,7 +51,7 @@ def _validate(config: ExperimentsConfig, source: str, context: Any | None) -> bo
     if context is not None:
         validate_specs(config, context.registry, context.shape, getattr(context, "max_neurons", None), source)
         return True
-    from kn_steer.registry import NeuronSetRegistry, default_sets_dir
+    from kn_steer.sets.registry import NeuronSetRegistry, default_sets_dir
 
     sets = NeuronSetRegistry.load(None) if default_sets_dir().exists() else {}
     validate_specs(config, sets, None, source=source)

@@ -27,9 +27,10 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kn_steer.adapters import ModelShape
+from kn_steer.models.families import ModelShape
 from kn_steer.errors import KnSteerError, SpecError
-from kn_steer.spec import SteeringSpec, compile_spec
+from kn_steer.steering.spec import SteeringSpec
+from kn_steer.steering.compile import compile_spec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 

@@ -3,8 +3,9 @@
 Each item is scored the way the evaluation does it: the total log-probability of each candidate
 continuation given the prompt, read from the server's ``/v1/completions`` with ``echo`` and
 ``logprobs`` (``max_tokens=0``: the prompt is scored, nothing is generated). Prompt and
-continuation are tokenized separately by the server's ``/tokenize`` without special tokens (the
-token ids :mod:`kn_steer.eval.scoring` defines) and sent as token ids, so the continuation's
+continuation are tokenized separately by the server's ``/tokenize`` (the prompt with the
+tokenizer's special tokens, the continuation without: the convention of :mod:`kn_steer.tokens`)
+and sent as token ids, so the continuation's
 tokens are exactly known. An item is a success when the context-faithful choice
 scores highest. Each (arm, item) becomes an assignment record plus an outcome record in the log;
 a re-run skips pairs already logged, so an interrupted run resumes.
@@ -133,7 +134,7 @@ def run_offline(
     def one(pair: tuple[Arm, ChoiceItem]) -> None:
         arm, item = pair
         spec = None if arm.is_unsteered else arm.spec().model_dump(exclude_none=True, exclude={"experiment", "unit"})
-        prompt_ids = ids(item.prompt, False)  # as kn_steer.eval.scoring: no special tokens anywhere
+        prompt_ids = ids(item.prompt, True)  # kn_steer.tokens: prompts with special tokens
         choice_ids = [ids(c, False) for c in item.choices]
         scores, usage, response_id, latency = scorer.score(prompt_ids, choice_ids, spec)
         best = max(range(len(scores)), key=lambda i: scores[i])

@@ -19,7 +19,7 @@ from kn_steer.ab.config import ExperimentsConfig
 from kn_steer.ab.log import AssignmentLog, AssignmentRecord, check_outcome, log_prompts_enabled, now_iso
 from kn_steer.ab.metrics import get_metrics
 from kn_steer.errors import KnSteerError, SpecError
-from kn_steer.spec import SteeringSpec
+from kn_steer.steering.spec import SteeringSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI

@@ -17,7 +17,9 @@ from typing import Any, Literal, Mapping, Sequence
 from kn_steer.data import ChoiceItem, load_items
 from kn_steer.errors import KnSteerError
 from kn_steer.eval.scoring import ItemScore
-from kn_steer.spec import CompiledSteering, SteeringSpec, compile_spec, parse_spec
+from kn_steer.steering.masks import CompiledSteering
+from kn_steer.steering.spec import SteeringSpec, parse_spec
+from kn_steer.steering.compile import compile_spec
 
 Backend = Literal["hf", "vllm"]
 
@@ -63,9 +65,9 @@ class HFEvaluator:
 
     def __init__(self, model: str | Path = "smollm2-135m", sets_dir: str | Path | None = None,
                  batch_size: int = 16, device: str = "cpu"):
-        from kn_steer.adapters import ModelShape
+        from kn_steer.models.families import ModelShape
         from kn_steer.models import load_hf_model, resolve_model
-        from kn_steer.neuron_set import model_identity
+        from kn_steer.sets.format import model_identity
 
         self.ref = resolve_model(model)
         self.model, self.tokenizer = load_hf_model(self.ref, device=device)
@@ -78,7 +80,7 @@ class HFEvaluator:
     @property
     def sets(self) -> Mapping[str, Any]:
         if self._sets is None:
-            from kn_steer.registry import NeuronSetRegistry
+            from kn_steer.sets.registry import NeuronSetRegistry
 
             self._sets = NeuronSetRegistry.load(self.sets_dir, self.identity)
         return self._sets

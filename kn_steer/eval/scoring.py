@@ -1,7 +1,7 @@
 """Multiple-choice scoring: the total log-probability of each continuation given the prompt.
 
-Token ids are defined once for both backends: the prompt tokenized without special tokens,
-followed by each continuation tokenized on its own (no special tokens). The transformers
+Token ids are defined once for both backends (:mod:`kn_steer.tokens`): the prompt as the model
+sees it at inference, followed by each continuation tokenized on its own (no special tokens). The transformers
 backend packs one item per row, prompt and every continuation side by side, with a 4D
 attention mask so each continuation sees the prompt and itself only and position ids that
 restart after the prompt. The prompt is thus computed once per item, not once per choice;
@@ -19,7 +19,8 @@ import torch
 
 from kn_steer.data.common import ChoiceItem
 from kn_steer.errors import DataError
-from kn_steer.spec import CompiledSteering
+from kn_steer.tokens import continuation_ids, pad_id, prompt_ids
+from kn_steer.steering.masks import CompiledSteering
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,17 @@ def encode_items(tokenizer: Any, items: Sequence[ChoiceItem]) -> list[EncodedIte
     """Token ids of every prompt and continuation; an empty tokenization is a DataError."""
     encoded = []
     for item in items:
-        prompt = tuple(tokenizer(item.prompt, add_special_tokens=False)["input_ids"])
-        choices = tuple(tuple(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in item.choices)
-        if not prompt:
-            raise DataError(f"{item.id}: the prompt tokenizes to nothing")
-        for k, ids in enumerate(choices):
-            if not ids:
-                raise DataError(f"{item.id}: choice {k} ({item.choices[k]!r}) tokenizes to nothing")
-        encoded.append(EncodedItem(item, prompt, choices))
+        try:
+            prompt = tuple(prompt_ids(tokenizer, item.prompt))
+        except DataError as exc:
+            raise DataError(f"{item.id}: {exc}") from None
+        choices = []
+        for k, text in enumerate(item.choices):
+            try:
+                choices.append(tuple(continuation_ids(tokenizer, text)))
+            except DataError:
+                raise DataError(f"{item.id}: choice {k} ({text!r}) tokenizes to nothing") from None
+        encoded.append(EncodedItem(item, prompt, tuple(choices)))
     return encoded
 
 
@@ -135,13 +139,13 @@ def score_hf(
 
     The intervention applies at every position (the whole forward is the prompt).
     """
-    from kn_steer.reference import steer
+    from kn_steer.steering.reference import steer
 
     encoded = [e if isinstance(e, EncodedItem) else None for e in items]
     if any(e is None for e in encoded):
         encoded = encode_items(tokenizer, items)  # type: ignore[arg-type]
     param = next(model.parameters())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     # Similar lengths in one batch waste less padding; results go back in input order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt_ids))
     results: dict[int, ItemScore] = {}
@@ -154,7 +158,7 @@ def score_hf(
         bar = tqdm(total=len(encoded), desc="scoring", unit="item")
     for chunk in chunks:
         batch = [encoded[i] for i in chunk]
-        packed = _pack(batch, pad_id, param.dtype, param.device)
+        packed = _pack(batch, pad, param.dtype, param.device)
         total = packed.input_ids.shape[1]
         first = packed.prompt_width - 1  # logits needed from the last prompt column on
         kwargs: dict[str, Any] = {}
@@ -182,7 +186,7 @@ def score_hf(
 
 
 def _identity() -> CompiledSteering:
-    from kn_steer.spec import SparseMask
+    from kn_steer.steering.masks import SparseMask
 
     return CompiledSteering(SparseMask.empty(), SparseMask.empty())
 

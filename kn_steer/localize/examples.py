@@ -109,7 +109,7 @@ def load_examples(path: str | Path, model: type[E], limit: int | None = None) ->
 def check_targets(examples: Iterable[_Example], tokenizer: Any, source: str = "") -> None:
     """Every target must tokenize to at least one token (checked before any compute)."""
     for ex in examples:
-        if not tokenizer(ex.target, add_special_tokens=False)["input_ids"]:
+        if not tokenizer(ex.target, add_special_tokens=False)["input_ids"]:  # = kn_steer.tokens.continuation_ids
             where = f"{source}: " if source else ""
             raise DataError(f"{where}example {ex.id!r}: target {ex.target!r} tokenizes to no token")
 

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kn_steer.errors import KnSteerError
 from kn_steer.localize.engine import attribute_ids, encode_prompt, encode_target
 from kn_steer.localize.examples import IRCANExample, KNExample, load_examples
-from kn_steer.neuron_set import Neuron, Operation
+from kn_steer.sets.format import Neuron, Operation
 
 
 class ScoredNeuron(BaseModel):

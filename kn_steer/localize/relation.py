@@ -24,8 +24,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from kn_steer.adapters import ModelShape, adapter_for_config, neuron_modules
+from kn_steer.models.families import ModelShape
+from kn_steer.models.sites import hook_site, remove_hooks
 from kn_steer.errors import DataError, KnSteerError
+from kn_steer.tokens import continuation_ids, pad_id, prompt_ids
 
 # ---------------------------------------------------------------------------------------------
 # Batched scoring of prompts
@@ -38,9 +40,9 @@ def _batches(order: Sequence[int], size: int):
 
 def _encode_left_padded(tokenizer: Any, prompts: Sequence[str], device: torch.device):
     """Left-padded ids, attention mask and position ids (so padding changes nothing)."""
-    rows = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -53,10 +55,7 @@ def _encode_left_padded(tokenizer: Any, prompts: Sequence[str], device: torch.de
 
 
 def first_target_token(tokenizer: Any, target: str) -> int:
-    ids = tokenizer(target, add_special_tokens=False).input_ids
-    if not ids:
-        raise KnSteerError(f"target {target!r} tokenizes to nothing")
-    return int(ids[0])
+    return int(continuation_ids(tokenizer, target)[0])
 
 
 @dataclass
@@ -86,7 +85,7 @@ def score_prompts(
     ``compiled`` is a :class:`kn_steer.spec.CompiledSteering` applied with the transformers
     reference intervention (:func:`kn_steer.reference.steer`).
     """
-    from kn_steer.reference import steer
+    from kn_steer.steering.reference import steer
 
     if len(prompts) != len(targets):
         raise ValueError("prompts and targets differ in length")
@@ -137,20 +136,18 @@ def last_token_activations(
 
     One forward per batch; pre-hooks on all layers' neuron modules copy the last position.
     """
-    adapter = adapter_for_config(model.config)
     shape = ModelShape.from_config(model.config)
-    modules = neuron_modules(model, adapter)
     device = next(model.parameters()).device
     out = torch.empty(len(prompts), shape.num_layers, shape.intermediate_size, dtype=dtype)
     current: dict[str, Any] = {}
 
-    def make_hook(layer: int):
-        def hook(_module, args):
-            current["acts"][:, layer] = args[0][:, -1].to(dtype).cpu()
+    def record(layer: int, rows: torch.Tensor) -> None:
+        acts = current["acts"]
+        # canonical rows are batch-major: [B*T, I] -> [B, T, I]; left padding puts every prompt's
+        # last token at the last position
+        acts[:, layer] = rows.reshape(acts.shape[0], -1, rows.shape[-1])[:, -1].to(dtype).cpu()
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(l)) for l, m in enumerate(modules)]
+    handles = hook_site(model, record)
     try:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for idx in _batches(order, batch_size):
@@ -162,8 +159,7 @@ def last_token_activations(
             if progress is not None:
                 progress(len(idx))
     finally:
-        for handle in handles:
-            handle.remove()
+        remove_hooks(handles)
     return out.reshape(len(prompts), -1)
 
 
@@ -242,7 +238,7 @@ def random_neurons(n: int, shape: ModelShape, seed: int, exclude: set[tuple[int,
 
 def deactivation(neurons: Sequence[tuple[int, int]], shape: ModelShape):
     """The compiled intervention that clamps ``neurons`` to 0 at every position."""
-    from kn_steer.spec import compile_spec
+    from kn_steer.steering.compile import compile_spec
 
     spec = {"interventions": [{"neurons": [list(p) for p in neurons], "op": "clamp", "value": 0.0}]}
     return compile_spec(spec, {}, shape)
@@ -369,7 +365,7 @@ def relation_score_corpus(ctx: Any, corpus: RelationCorpus, params: RelationPara
 
 def relation_select(results: list[Any], params: RelationParams) -> Any:
     from kn_steer.localize.methods import Selection
-    from kn_steer.neuron_set import Neuron, Operation
+    from kn_steer.sets.format import Neuron, Operation
 
     (result,) = results
     chosen = result.neurons[: params.count]

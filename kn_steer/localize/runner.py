@@ -25,7 +25,7 @@ from kn_steer.errors import KnSteerError
 from kn_steer.fileio import sha256_file
 from kn_steer.localize.examples import check_targets
 from kn_steer.localize.methods import Context, ExampleResult, MethodSpec, get_method
-from kn_steer.neuron_set import MethodInfo, NeuronSet, Provenance, model_identity
+from kn_steer.sets.format import MethodInfo, NeuronSet, Provenance, model_identity
 
 CHECKPOINT_VERSION = 1
 

@@ -17,16 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kn_steer.adapters import FamilyAdapter, ModelShape, adapter_for_config
+from kn_steer.models.families import FamilyAdapter, ModelShape, adapter_for_config
 from kn_steer.errors import KnSteerError
-from kn_steer.neuron_set import ModelIdentity, model_identity
-from kn_steer.registry import NeuronSetRegistry, default_sets_dir
-from kn_steer.spec import DEFAULT_MAX_NEURONS
+from kn_steer.sets.format import ModelIdentity, model_identity
+from kn_steer.sets.registry import NeuronSetRegistry, default_sets_dir
+from kn_steer.steering.spec import DEFAULT_MAX_NEURONS
 
 ENV_MAX_NEURONS = "KN_STEER_MAX_NEURONS"
 ENV_SLOTS = "KN_STEER_SLOTS"
 ENV_DISABLE = "KN_STEER_DISABLE"
-WIRE_VERSION = "kn-steer-1"
 
 
 def disabled() -> bool:

@@ -16,7 +16,6 @@ Two entry points, both patched on the class:
 from __future__ import annotations
 
 import copy
-import hashlib
 import uuid
 from collections import OrderedDict
 from threading import Lock
@@ -27,10 +26,12 @@ from vllm.exceptions import VLLMValidationError
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.serving import hooks
 from kn_steer.serving.context import ServingContext, current_context, load_context
-from kn_steer.serving.worker import WIRE_KEY
-from kn_steer.spec import CompiledSteering, SteeringSpec, compile_spec, parse_spec
+from kn_steer.serving import wire
+from kn_steer.serving.wire import RAW_KEY, WIRE_KEY
+from kn_steer.steering.masks import CompiledSteering
+from kn_steer.steering.spec import SteeringSpec, parse_spec
+from kn_steer.steering.compile import compile_spec
 
-RAW_KEY = "kn_steer"
 INFO_ATTR = "_kn_steer_info"  # kept in the request's pydantic extras, for the response
 _PATCHED = "_kn_steer_patched"
 
@@ -104,13 +105,6 @@ def resolve(
     return spec, compiled, info
 
 
-def _salt(existing: str | None, compiled: CompiledSteering) -> str:
-    ours = compiled.cache_salt()
-    if not existing:
-        return ours
-    return "kn-steer:" + hashlib.sha256(f"{existing}\0{ours}".encode()).hexdigest()[:32]
-
-
 # ----- InputProcessor.process_inputs -------------------------------------------------------------
 def _wrap_process_inputs(orig):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
@@ -139,8 +133,8 @@ def _wrap_process_inputs(orig):
         if compiled is not None:  # a small summary only: the engine reads the compiled masks
             new_extra[RAW_KEY] = {"applied": compiled.applied}
         if compiled is not None and not compiled.is_identity:
-            new_extra[WIRE_KEY] = {"prompt": compiled.prompt.to_wire(), "generated": compiled.generated.to_wire()}
-            request.cache_salt = _salt(request.cache_salt, compiled)
+            new_extra[WIRE_KEY] = wire.encode(compiled)
+            request.cache_salt = wire.cache_salt(compiled, request.cache_salt)
         sp.extra_args = new_extra or None
         return request
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
 
-    from kn_steer.spec import SteeringSpec
+    from kn_steer.steering.spec import SteeringSpec
 
 logger = logging.getLogger("kn_steer.serving")
 

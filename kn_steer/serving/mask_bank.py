@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kn_steer.errors import KnSteerError
-from kn_steer.spec import CompiledSteering, SparseMask
+from kn_steer.steering.masks import CompiledSteering, SparseMask
 
 
 @dataclass
@@ -78,18 +78,6 @@ class MaskBank:
         """``x * mul[slot] + add[slot]`` per token; traced into the compiled graph as is."""
         idx = self.token_slots[: x.shape[0]]
         return x * self.mul[layer].index_select(0, idx) + self.add[layer].index_select(0, idx)
-
-    def pre_hook(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = args[0]
-            if not isinstance(x, torch.Tensor):
-                raise KnSteerError(
-                    "kn-steer cannot steer a quantized MLP activation (fused activation "
-                    "quantization); serve an unquantized model"
-                )
-            return (self.apply(layer, x), *args[1:])
-
-        return hook
 
     # ----- requests -------------------------------------------------------------------------
     @property

@@ -19,7 +19,8 @@ import sys
 import threading
 from typing import Any, Callable
 
-from kn_steer.serving.context import WIRE_VERSION, disabled, load_context, num_slots
+from kn_steer.serving.context import disabled, load_context, num_slots
+from kn_steer.serving.wire import WIRE_VERSION
 
 logger = logging.getLogger("kn_steer.serving")
 _PATCHED = "_kn_steer_patched"

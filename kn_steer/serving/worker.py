@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from kn_steer.adapters import adapter_for_config, get_path
+from kn_steer.models.families import adapter_for_config
+
+from kn_steer.models.sites import site_modules, site_pre_hook
 from kn_steer.errors import KnSteerError
 from kn_steer.serving.context import num_slots
 from kn_steer.serving.mask_bank import MaskBank, local_slice
-from kn_steer.spec import CompiledSteering
+from kn_steer.serving import wire as wire_format
+from kn_steer.serving.wire import WIRE_KEY
 
 logger = logging.getLogger("kn_steer.serving")
-WIRE_KEY = "kn_steer_compiled"
 _PATCHED = "_kn_steer_patched"
 
 
@@ -31,13 +33,8 @@ def _install_bank(runner: Any) -> None:
     adapter = adapter_for_config(config, serving=True)
     num_layers = adapter.num_layers(config)
     full = adapter.intermediate_size(config)
-    layers = get_path(model, adapter.layers_path)
-    modules: dict[int, Any] = {}
-    for i in range(num_layers):
-        try:  # pipeline parallelism: layers of other stages are placeholders without an MLP
-            modules[i] = get_path(layers[i], adapter.out_proj)
-        except (AttributeError, IndexError):
-            continue
+    # pipeline parallelism: layers of other stages are placeholders without an MLP
+    modules = site_modules(model, family=adapter, missing_ok=True)
     if not modules:
         raise KnSteerError(f"kn-steer: no '{adapter.out_proj}' module found under '{adapter.layers_path}'")
     offset, size = local_slice(next(iter(modules.values())), full)
@@ -47,7 +44,7 @@ def _install_bank(runner: Any) -> None:
     dtype = runner.model_config.dtype
     bank = MaskBank(num_layers, size, offset, slots, max_tokens, dtype=dtype, device=runner.device)
     for i, module in modules.items():
-        module.register_forward_pre_hook(bank.pre_hook(i))
+        module.register_forward_pre_hook(site_pre_hook(i, bank.apply))
     runner._kn_steer_bank = bank
     mib = 2 * bank.mul.numel() * bank.mul.element_size() / 2**20
     logger.info(
@@ -76,7 +73,7 @@ def _register_new(runner: Any, bank: MaskBank, req_ids: list[str]) -> None:
         extra = getattr(params, "extra_args", None) or {}
         wire = extra.get(WIRE_KEY)
         if wire is not None:
-            compiled = CompiledSteering.from_wire(wire)
+            compiled = wire_format.decode(wire)
         bank.add_request(req_id, compiled)
 
 

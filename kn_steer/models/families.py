@@ -1,0 +1,122 @@
+"""The one table of model-family knowledge, as data: where each site lives and how big it is.
+
+Every family hooks the same point for neurons: one unit of the *input of the MLP's output
+projection*. For gated MLPs (Llama, Mistral, Qwen2/3, Gemma) that input is
+``act(gate(x)) * up(x)``; for non-gated MLPs (GPT-2, OPT, GPT-NeoX) it is ``act(fc(x))``.
+The same module paths name those modules in transformers and in vLLM, so the offline methods,
+the transformers reference intervention and the vLLM plugin all read this table (through
+:mod:`kn_steer.models.sites`) and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kn_steer.errors import UnsupportedArchitecture
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """Where one model family keeps its MLP neurons."""
+
+    family: str
+    architectures: tuple[str, ...]  # config.architectures names (transformers and vLLM)
+    model_types: tuple[str, ...]  # config.model_type values
+    gated: bool
+    layers_path: str  # attribute path of the decoder-layer list, from the CausalLM object
+    out_proj: str  # path inside a layer of the output projection; the neuron is its input
+    in_proj: str  # path inside a layer of the projection whose rows *read* the residual stream
+    conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
+    serving: bool = False  # the vLLM plugin is tested on this family
+    # paths from the CausalLM object of the modules between the last decoder layer and the LM head,
+    # applied in order (a missing/None module is skipped, e.g. OPT's project_out when unused)
+    final_modules: tuple[str, ...] = ()
+
+    def num_layers(self, config: Any) -> int:
+        return int(_first_attr(config, ("num_hidden_layers", "n_layer", "num_layers")))
+
+    def intermediate_size(self, config: Any) -> int:
+        value = _first_attr(config, ("intermediate_size", "ffn_dim", "n_inner"), default=None)
+        if value is None:  # GPT-2 leaves n_inner unset: 4 * hidden
+            value = 4 * int(_first_attr(config, ("hidden_size", "n_embd")))
+        return int(value)
+
+
+def _first_attr(obj: Any, names: tuple[str, ...], default: Any = ...) -> Any:
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    if default is ...:
+        raise AttributeError(f"config has none of {names}")
+    return default
+
+
+_LLAMA_LIKE = dict(
+    gated=True, layers_path="model.layers", out_proj="mlp.down_proj", in_proj="mlp.up_proj",
+    final_modules=("model.norm",),
+)
+
+ADAPTERS: tuple[FamilyAdapter, ...] = (
+    FamilyAdapter("llama", ("LlamaForCausalLM",), ("llama",), serving=True, **_LLAMA_LIKE),
+    FamilyAdapter("mistral", ("MistralForCausalLM",), ("mistral",), serving=True, **_LLAMA_LIKE),
+    FamilyAdapter("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), serving=True, **_LLAMA_LIKE),
+    FamilyAdapter("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), serving=True, **_LLAMA_LIKE),
+    FamilyAdapter(
+        "gemma",
+        ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"),
+        ("gemma", "gemma2", "gemma3_text"),
+        **_LLAMA_LIKE,
+    ),
+    FamilyAdapter(
+        "gpt2", ("GPT2LMHeadModel",), ("gpt2",), gated=False, layers_path="transformer.h",
+        out_proj="mlp.c_proj", in_proj="mlp.c_fc", conv1d=True, final_modules=("transformer.ln_f",),
+    ),
+    FamilyAdapter(
+        "opt", ("OPTForCausalLM",), ("opt",), gated=False, layers_path="model.decoder.layers",
+        out_proj="fc2", in_proj="fc1",
+        final_modules=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+    ),
+    FamilyAdapter(
+        "gpt_neox", ("GPTNeoXForCausalLM",), ("gpt_neox",), gated=False,
+        layers_path="gpt_neox.layers", out_proj="mlp.dense_4h_to_h", in_proj="mlp.dense_h_to_4h",
+        final_modules=("gpt_neox.final_layer_norm",),
+    ),
+)
+
+
+def supported_architectures(serving_only: bool = False) -> list[str]:
+    return [a for ad in ADAPTERS if ad.serving or not serving_only for a in ad.architectures]
+
+
+def adapter_for_config(config: Any, serving: bool = False) -> FamilyAdapter:
+    """The adapter for a transformers/vLLM config, or a clear error naming what is supported."""
+    archs = tuple(getattr(config, "architectures", None) or ())
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if set(archs) & set(adapter.architectures) or (not archs and model_type in adapter.model_types):
+            if serving and not adapter.serving:
+                raise UnsupportedArchitecture(
+                    f"kn-steer serving does not support {archs or model_type} yet; "
+                    f"supported for serving: {', '.join(supported_architectures(True))}"
+                )
+            return adapter
+    name = ", ".join(archs) or str(model_type)
+    raise UnsupportedArchitecture(
+        f"unsupported architecture {name!r}; kn-steer supports: "
+        f"{', '.join(supported_architectures(serving))}"
+    )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a neuron set must agree with: layer count and neurons per layer."""
+
+    num_layers: int
+    intermediate_size: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        adapter = adapter_for_config(config)
+        return cls(adapter.num_layers(config), adapter.intermediate_size(config))

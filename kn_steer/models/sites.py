@@ -1,0 +1,153 @@
+"""Sites: the tensors kn-steer reads and writes inside a forward pass, one canonical view for all.
+
+A *site* is named like a TransformerLens hook point. Today there is one:
+
+* ``mlp.neurons`` — per layer, the input of the MLP's output projection (``blocks.{l}.mlp.hook_post``
+  in TransformerLens terms); ``intermediate_size`` units.
+
+Where a site lives comes from the family table (:mod:`kn_steer.models.families`); how its tensor is
+laid out is solved here once. Families hand the module different shapes (``[B, T, I]``,
+``[1, B*T, I]`` when rows are packed, OPT's flattened ``[B*T, I]``, vLLM's ``[tokens, I]``); every
+caller sees the same **canonical view**: a 2-D ``[rows, units]`` tensor whose rows are the tokens in
+the order the module received them (batch-major, then position). A hook that returns a tensor of
+that shape has it reshaped back. The transformers reference intervention, the attribution engine,
+the activation recorder and the vLLM plugin all hook through :func:`hook_site`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from kn_steer.models.families import FamilyAdapter, adapter_for_config
+
+MLP_NEURONS = "mlp.neurons"
+SITES: tuple[str, ...] = (MLP_NEURONS,)
+SiteName = Literal["mlp.neurons"]
+
+#: ``fn(layer, rows)``: ``rows`` is the canonical ``[rows, units]`` view; return a replacement of
+#: the same shape, or None to leave the tensor as it is.
+SiteFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+def get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def _family(model: nn.Module, family: FamilyAdapter | None) -> FamilyAdapter:
+    return family or adapter_for_config(model.config)
+
+
+def _site_path(family: FamilyAdapter, site: str) -> str:
+    if site == MLP_NEURONS:
+        return family.out_proj
+    raise ValueError(f"unknown site {site!r}; known: {', '.join(SITES)}")
+
+
+def decoder_layers(model: nn.Module, family: FamilyAdapter | None = None) -> list[nn.Module]:
+    family = _family(model, family)
+    return list(get_path(model, family.layers_path))
+
+
+def site_modules(model: nn.Module, site: str = MLP_NEURONS, family: FamilyAdapter | None = None,
+                 missing_ok: bool = False) -> dict[int, nn.Module]:
+    """Layer -> the module whose input is the site. ``missing_ok``: skip layers without it
+    (pipeline-parallel placeholders in vLLM) instead of raising."""
+    family = _family(model, family)
+    path = _site_path(family, site)
+    found: dict[int, nn.Module] = {}
+    for i, layer in enumerate(get_path(model, family.layers_path)):
+        try:
+            found[i] = get_path(layer, path)
+        except (AttributeError, IndexError):
+            if not missing_ok:
+                raise
+    return found
+
+
+def neuron_modules(model: nn.Module, family: FamilyAdapter | None = None) -> list[nn.Module]:
+    """Per layer, the module whose *input* is the neuron vector."""
+    return list(site_modules(model, MLP_NEURONS, family).values())
+
+
+def neuron_module_names(config: Any, num_layers: int | None = None) -> list[str]:
+    """Fully qualified module names of the output projections (same in transformers and vLLM)."""
+    family = adapter_for_config(config)
+    n = num_layers if num_layers is not None else family.num_layers(config)
+    return [f"{family.layers_path}.{i}.{family.out_proj}" for i in range(n)]
+
+
+def final_modules(model: nn.Module, family: FamilyAdapter | None = None) -> list[nn.Module]:
+    """The modules applied after the last decoder layer and before the LM head, in order."""
+    family = _family(model, family)
+    found = []
+    for path in family.final_modules:
+        try:
+            module = get_path(model, path)
+        except AttributeError:
+            module = None
+        if module is not None:
+            found.append(module)
+    return found
+
+
+def read_vectors(model: nn.Module, layer: int, family: FamilyAdapter | None = None) -> torch.Tensor:
+    """[intermediate, hidden]: the residual-stream direction each neuron reads (its up/fc row)."""
+    family = _family(model, family)
+    weight = get_path(decoder_layers(model, family)[layer], family.in_proj).weight
+    return weight.detach() if family.conv1d is False else weight.detach().T
+
+
+def write_vectors(model: nn.Module, layer: int, family: FamilyAdapter | None = None) -> torch.Tensor:
+    """[intermediate, hidden]: the residual-stream direction each neuron writes (down column)."""
+    family = _family(model, family)
+    weight = get_path(decoder_layers(model, family)[layer], family.out_proj).weight
+    return weight.detach() if family.conv1d else weight.detach().T
+
+
+# ------------------------------------------------------------------------------ canonical view
+
+
+def canonical(x: torch.Tensor) -> torch.Tensor:
+    """The ``[rows, units]`` view of a site tensor, whatever the family's layout."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def site_pre_hook(layer: int, fn: SiteFn) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...] | None]:
+    """A forward pre-hook handing ``fn`` the canonical view of the module's first input.
+
+    Plain tensor ops only (reshape and the caller's math), so it traces into compiled graphs."""
+
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        if not isinstance(x, torch.Tensor):
+            from kn_steer.errors import KnSteerError
+
+            raise KnSteerError(
+                f"kn-steer cannot use layer {layer}'s MLP activation: the module received a "
+                f"{type(x).__name__}, not a tensor (fused activation quantization?); serve an "
+                "unquantized model"
+            )
+        out = fn(layer, canonical(x))
+        if out is None:
+            return None
+        return (out.reshape(x.shape), *args[1:])
+
+    return hook
+
+
+def hook_site(model: nn.Module, fn: SiteFn, site: str = MLP_NEURONS, layers: Sequence[int] | None = None,
+              family: FamilyAdapter | None = None, missing_ok: bool = False) -> list[Any]:
+    """Register ``fn`` on the site of every layer (or ``layers``); returns the hook handles."""
+    modules = site_modules(model, site, family, missing_ok=missing_ok)
+    wanted = modules if layers is None else {l: modules[l] for l in layers if l in modules}
+    return [m.register_forward_pre_hook(site_pre_hook(l, fn)) for l, m in wanted.items()]
+
+
+def remove_hooks(handles: Sequence[Any]) -> None:
+    for handle in handles:
+        handle.remove()

@@ -1,0 +1,56 @@
+"""The wire format between the API edge and the workers: the only module that spells it.
+
+A request's compiled masks travel inside ``SamplingParams.extra_args[WIRE_KEY]`` as raw
+little-endian bytes (cheap to copy, msgpack and pickle whatever the neuron count); the client's
+own spec (or, after compilation, a summary of it) sits under ``RAW_KEY``. ``WIRE_VERSION`` goes
+into vLLM's ``additional_config`` so compile caches and processes of other versions never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from kn_steer.steering.masks import CompiledSteering, SparseMask
+
+RAW_KEY = "kn_steer"
+WIRE_KEY = "kn_steer_compiled"
+WIRE_VERSION = "kn-steer-2"
+SALT_PREFIX = "kn-steer:"
+
+
+def encode_mask(mask: SparseMask) -> dict[str, bytes]:
+    return {"l": mask.layers.astype("<i4").tobytes(), "i": mask.indices.astype("<i4").tobytes(),
+            "m": mask.mul.astype("<f4").tobytes(), "a": mask.add.astype("<f4").tobytes()}
+
+
+def decode_mask(wire: Mapping[str, Any]) -> SparseMask:
+    def arr(value: Any, dtype: str) -> np.ndarray:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return np.frombuffer(value, dtype=dtype).astype(dtype[1:], copy=True)
+        return np.asarray(value, dtype=dtype[1:])
+
+    return SparseMask(arr(wire["l"], "<i4"), arr(wire["i"], "<i4"), arr(wire["m"], "<f4"), arr(wire["a"], "<f4"))
+
+
+def encode(compiled: CompiledSteering) -> dict[str, Any]:
+    """What the workers need: the two masks (never the spec or the report)."""
+    return {"prompt": encode_mask(compiled.prompt), "generated": encode_mask(compiled.generated)}
+
+
+def decode(wire: Mapping[str, Any]) -> CompiledSteering:
+    return CompiledSteering(decode_mask(wire["prompt"]), decode_mask(wire["generated"]))
+
+
+def cache_salt(compiled: CompiledSteering, existing: str | None = None) -> str:
+    """Prefix-cache salt: KV blocks computed under one spec are never reused by another.
+
+    ``existing``: a salt the client already set; both are folded into one."""
+    ours = SALT_PREFIX + hashlib.sha256(
+        (compiled.prompt.key() + "/" + compiled.generated.key()).encode()
+    ).hexdigest()[:32]
+    if not existing:
+        return ours
+    return SALT_PREFIX + hashlib.sha256(f"{existing}\0{ours}".encode()).hexdigest()[:32]

@@ -1,0 +1,1 @@
+"""Test helpers: tiny models, shared real engines and servers, the attribution oracle."""

@@ -1,0 +1,145 @@
+"""Other families, tensor parallelism and start-up refusals, on small random models in real vLLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers.engines import default_ref, make_llm, shutdown, write_test_sets
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+TINY = {
+    "llama": dict(model_type="llama", hidden_size=128, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
+    "qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
+    "qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, head_dim=32,
+                  max_position_embeddings=256),
+    "gpt2": dict(model_type="gpt2", n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=256),
+}
+ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=8, skip_tokenizer_init=True,
+              enforce_eager=True, seed=0)
+PROMPTS = [[5, 17, 99, 3, 42, 7], [200, 1, 1, 64, 33], [9, 8, 7, 6, 5, 4, 3, 2]]
+SPECS = [
+    None,
+    {"interventions": [{"neurons": [[l, i] for l in range(3) for i in range(0, 96, 3)], "op": "clamp", "value": 3.0}]},
+    {"interventions": [{"neurons": [[l, i] for l in range(3) for i in range(1, 96, 2)], "op": "scale", "factor": -1.0,
+                        "positions": "prompt"}]},
+    {"interventions": [{"neurons": [[1, i] for i in range(40, 60)], "op": "clamp", "value": -4.0,
+                        "positions": "generated"}]},
+]
+
+
+def build(family: str, folder, seed: int = 0):
+    """A small random model with peaked logits (large init), saved as a checkpoint folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY[family])
+    config = AutoConfig.for_model(cfg.pop("model_type"), initializer_range=0.2, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.architectures = [type(model).__name__]
+    model.eval().requires_grad_(False)
+    model.save_pretrained(folder)
+    return model
+
+
+def reference(model, ids, spec, max_tokens):
+    from kn_steer.models.families import ModelShape
+    from kn_steer.steering.reference import steer
+    from kn_steer.steering.compile import compile_spec
+
+    compiled = compile_spec(spec or {}, {}, ModelShape.from_config(model.config))
+    x = torch.tensor([ids])
+    with steer(model, compiled, len(ids)), torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    tokens = out.sequences[0, len(ids):].tolist()
+    return tokens, [torch.log_softmax(l[0], -1)[t].item() for l, t in zip(out.logits, tokens)]
+
+
+def generate(llm, max_tokens=8):
+    from vllm import SamplingParams
+
+    inputs, params = [], []
+    for ids in PROMPTS:
+        for spec in SPECS:
+            inputs.append({"prompt_token_ids": ids})
+            params.append(SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True,
+                                         extra_args={"kn_steer": spec} if spec else None))
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+            for o in outs]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_family_agrees_with_reference(family, tmp_path, monkeypatch):
+    model = build(family, tmp_path / family)
+    (tmp_path / "sets").mkdir()
+    llm = make_llm(tmp_path / family, sets=tmp_path / "sets", **ENGINE)
+    try:
+        got = generate(llm)
+    finally:
+        shutdown(llm)
+    k = 0
+    for ids in PROMPTS:
+        plain = None
+        for spec in SPECS:
+            want, want_lp = reference(model, ids, spec, 8)
+            assert got[k][0] == want, (family, ids, spec)
+            assert max(abs(a - b) for a, b in zip(got[k][1], want_lp)) < 2e-3
+            if spec is None:
+                plain = want
+            k += 1
+        assert any(g[0] != plain for g in got[k - len(SPECS) + 1 : k]), "steering changed nothing"
+
+
+def test_tensor_parallel_2_matches_tp_1(tmp_path, monkeypatch):
+    """Each rank steers its own half of the 96 neurons; TP=2 == TP=1 == the reference."""
+    model = build("llama", tmp_path / "llama", seed=1)
+    (tmp_path / "sets").mkdir()
+    one = make_llm(tmp_path / "llama", sets=tmp_path / "sets", **ENGINE)
+    try:
+        tp1 = generate(one)
+    finally:
+        shutdown(one)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    two = make_llm(tmp_path / "llama", sets=tmp_path / "sets", tensor_parallel_size=2, **ENGINE)
+    try:
+        tp2 = generate(two)
+    finally:
+        shutdown(two)
+    assert [t for t, _ in tp2] == [t for t, _ in tp1]
+    k = 0
+    for ids in PROMPTS:
+        for spec in SPECS:
+            assert tp2[k][0] == reference(model, ids, spec, 8)[0]
+            k += 1
+
+
+def test_unsupported_architecture_is_a_startup_error(tmp_path):
+    from kn_steer.errors import UnsupportedArchitecture
+
+    build("gpt2", tmp_path / "gpt2")
+    (tmp_path / "sets").mkdir()
+    with pytest.raises(UnsupportedArchitecture, match="serving does not support .*GPT2LMHeadModel"):
+        make_llm(tmp_path / "gpt2", sets=tmp_path / "sets", **ENGINE)
+
+
+def test_mismatched_neuron_set_refuses_to_start(tmp_path):
+    from kn_steer.errors import NeuronSetMismatch
+
+    ref, config = default_ref()
+    other = type(ref)(name="other-model", path=ref.path, fingerprint="sha256:" + "0" * 32)
+    folder = write_test_sets(tmp_path / "sets", other, config,
+                             {"foreign": ([(0, 1)], {"op": "scale", "factor": 2.0})})
+    with pytest.raises(NeuronSetMismatch) as err:
+        make_llm(ref.path, sets=folder, dtype="float32", max_model_len=512)
+    message = str(err.value)
+    assert "refuses to start" in message and "foreign" in message and "other-model" in message
+    assert "foreign.json" in message
+    json.loads((folder / "foreign.json").read_text())  # the file itself is fine

@@ -1,0 +1,46 @@
+"""Every neuron set shipped in ``neuron_sets/`` loads, fits the default model and is documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kn_steer.models.families import ModelShape
+from kn_steer.sets.format import NeuronSet, model_identity
+from kn_steer.sets.registry import NeuronSetRegistry
+from kn_steer.steering.compile import compile_spec
+
+from helpers.paths import SETS
+SHIPPED = sorted(SETS.glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def identity_and_shape(default_ref):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(default_ref.path)
+    return model_identity(default_ref, config), ModelShape.from_config(config)
+
+
+def test_sets_are_shipped():
+    assert SHIPPED, "neuron_sets/ holds no set"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_set_validates_against_default_model(path, identity_and_shape):
+    identity, shape = identity_and_shape
+    ns = NeuronSet.load(path)
+    ns.check_model(identity)  # raises NeuronSetMismatch naming both models
+    assert ns.name == path.stem
+    assert ns.neurons and ns.description.strip()
+    assert ns.metrics, "the measured effect belongs in metrics"
+    assert ns.provenance.command, "a shipped set says how to reproduce it"
+    compiled = compile_spec({"interventions": [{"set": ns.name}]}, {ns.name: ns}, shape)
+    assert compiled.prompt.size == len(ns.neurons) or ns.operation.op == "scale" and ns.operation.factor == 1
+
+
+def test_shipped_folder_loads_as_one_registry(identity_and_shape):
+    identity, _ = identity_and_shape
+    registry = NeuronSetRegistry.load(SETS, identity)
+    assert sorted(registry) == sorted(NeuronSet.load(p).name for p in SHIPPED)

@@ -1,0 +1,104 @@
+"""Spec compilation: the vectorized fold equals the composition rule written out neuron by neuron."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from kn_steer.models.families import ModelShape
+from kn_steer.errors import SpecError
+from kn_steer.sets.format import MethodInfo, ModelIdentity, Neuron, NeuronSet, Operation
+from kn_steer.steering.compile import compile_spec
+
+SHAPE = ModelShape(num_layers=4, intermediate_size=6)
+
+
+def _set(name: str, op: Operation, neurons: list[Neuron]) -> NeuronSet:
+    model = ModelIdentity(name="toy", fingerprint="sha256:0", architecture="LlamaForCausalLM",
+                          num_layers=SHAPE.num_layers, intermediate_size=SHAPE.intermediate_size)
+    return NeuronSet(name=name, model=model, method=MethodInfo(name="manual"), operation=op, neurons=neurons)
+
+
+def _oracle(spec: dict, sets: dict[str, NeuronSet]) -> dict[str, dict[tuple[int, int], tuple[float, float]]]:
+    """The rule from kn_steer.spec's docstring, one neuron at a time: scales multiply, a clamp wins
+    whatever the order, the last clamp wins; untouched and (1, 0) neurons are left out."""
+    state: dict[str, dict[tuple[int, int], tuple[float, float, bool]]] = {"prompt": {}, "generated": {}}
+    for iv in spec["interventions"]:
+        if "set" in iv:
+            ns = sets[iv["set"]]
+            rows = [(n.layer, n.index, n.factor, n.value) for n in ns.neurons]
+            op = iv.get("op", ns.operation.op)
+            default = ns.operation.factor if op == "scale" else ns.operation.value
+            if ns.operation.op != op:
+                default = None
+        else:
+            rows = [(l, i, None, None) for l, i in iv["neurons"]]
+            op, default = iv["op"], None
+        if "layers" in iv:
+            rows = [r for r in rows if r[0] in iv["layers"]]
+        kinds = ("prompt", "generated") if iv.get("positions", "all") == "all" else (iv["positions"],)
+        for layer, index, own_f, own_v in rows:
+            for kind in kinds:
+                mul, add, clamped = state[kind].get((layer, index), (1.0, 0.0, False))
+                if op == "scale":
+                    f = iv.get("factor", own_f if own_f is not None else default)
+                    state[kind][(layer, index)] = (mul, add, True) if clamped else (mul * f, 0.0, False)
+                else:
+                    v = iv.get("value", own_v if own_v is not None else default)
+                    state[kind][(layer, index)] = (0.0, v, True)
+    return {kind: {k: (np.float32(m), np.float32(a)) for k, (m, a, c) in entries.items()
+                   if c or m != 1.0}
+            for kind, entries in state.items()}
+
+
+def _as_dict(mask) -> dict[tuple[int, int], tuple[float, float]]:
+    return {(int(l), int(i)): (m, a) for l, i, m, a in zip(mask.layers, mask.indices, mask.mul, mask.add)}
+
+
+def test_vectorized_fold_matches_the_rule_on_random_specs() -> None:
+    rng = random.Random(0)
+    pick = lambda: [rng.randrange(SHAPE.num_layers), rng.randrange(SHAPE.intermediate_size)]  # noqa: E731
+    sets = {
+        "boost": _set("boost", Operation(op="scale", factor=2.0),
+                      [Neuron(layer=0, index=1), Neuron(layer=1, index=2, factor=0.5), Neuron(layer=3, index=5)]),
+        "off": _set("off", Operation(op="clamp", value=0.0),
+                    [Neuron(layer=1, index=2), Neuron(layer=2, index=0, value=-1.5)]),
+    }
+    for _ in range(300):
+        ivs = []
+        for _ in range(rng.randint(0, 5)):
+            iv: dict = {}
+            if rng.random() < 0.3:
+                iv["set"] = rng.choice(sorted(sets))
+                if rng.random() < 0.3:
+                    iv["layers"] = rng.sample(range(SHAPE.num_layers), 2)
+            else:
+                iv["neurons"] = [pick() for _ in range(rng.randint(1, 6))]  # duplicates happen
+                iv["op"] = rng.choice(["scale", "clamp"])
+                if iv["op"] == "scale":
+                    iv["factor"] = rng.choice([0.0, 0.5, 1.0, 2.0, -3.0])
+                else:
+                    iv["value"] = rng.choice([0.0, 1.25, -2.0])
+            iv["positions"] = rng.choice(["all", "prompt", "generated"])
+            ivs.append(iv)
+        spec = {"interventions": ivs}
+        compiled = compile_spec(spec, sets, SHAPE)
+        want = _oracle(spec, sets)
+        for kind in ("prompt", "generated"):
+            assert _as_dict(compiled.mask(kind)) == want[kind], spec
+            keys = list(zip(compiled.mask(kind).layers.tolist(), compiled.mask(kind).indices.tolist()))
+            assert keys == sorted(keys)
+
+
+def test_every_neuron_of_a_large_model_compiles_and_errors_name_the_entry() -> None:
+    big = ModelShape(num_layers=30, intermediate_size=1536)
+    every = [[l, i] for l in range(big.num_layers) for i in range(big.intermediate_size)]
+    compiled = compile_spec({"interventions": [{"neurons": every, "op": "scale", "factor": 2.0}]}, {}, big)
+    assert compiled.prompt.size == 46080 and float(compiled.generated.mul.min()) == 2.0
+    with pytest.raises(SpecError, match=r"interventions\[0\]\.neurons\[2\]: index 1536 out of range 0\.\.1535"):
+        compile_spec({"interventions": [{"neurons": [[0, 0], [1, 1], [1, 1536], [99, 0]], "op": "scale",
+                                         "factor": 2.0}]}, {}, big)
+    with pytest.raises(SpecError, match=r"neurons\[1\]: layer 30 out of range 0\.\.29"):
+        compile_spec({"interventions": [{"neurons": [[0, 0], [30, 5000]], "op": "clamp", "value": 0}]}, {}, big)
