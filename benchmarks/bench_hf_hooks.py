@@ -32,10 +32,10 @@ def worker(role_json: str, result_fd: str) -> None:
     """Load the default model in transformers and answer ``warm``/``run`` commands."""
     import torch
 
-    from kn_steer.models.families import ModelShape
     from kn_steer.models import load_hf_model, resolve_model
-    from kn_steer.steering.reference import steer
+    from kn_steer.models.families import ModelShape
     from kn_steer.steering.compile import compile_spec
+    from kn_steer.steering.reference import steer
 
     role = json.loads(role_json)
     batch = int(role.get("batch", 16))

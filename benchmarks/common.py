@@ -62,8 +62,8 @@ def default_model_info() -> dict[str, Any]:
     """Path and shape of the default model (prepared on first use)."""
     from transformers import AutoConfig
 
-    from kn_steer.models.families import ModelShape
     from kn_steer.models import resolve_model
+    from kn_steer.models.families import ModelShape
 
     ref = resolve_model("smollm2-135m")
     config = AutoConfig.from_pretrained(ref.path)

@@ -176,8 +176,8 @@ def score_cached(ev: HFEvaluator, encoded: list, neurons: list[tuple[int, int]],
 
 
 def paired(arm: list[bool], control: list[bool]) -> dict[str, Any]:
-    """Exact McNemar test of two conditions on the same items (kn_steer.ab.stats)."""
-    from kn_steer.ab.stats import compare_paired_binary
+    """Exact McNemar test of two conditions on the same items (kn_steer.stats)."""
+    from kn_steer.stats import compare_paired_binary
 
     c = compare_paired_binary(list(zip(arm, control)))
     wins = sum(1 for a, b in zip(arm, control) if a and not b)
@@ -227,7 +227,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def ship(result: dict[str, Any], ev: HFEvaluator, dev_path: Path, command: str) -> Path:
-    from kn_steer.sets.format import MethodInfo, Neuron, NeuronSet, Operation, Provenance
+    from kn_steer.sets.format import (
+        MethodInfo,
+        Neuron,
+        NeuronSet,
+        Operation,
+        Provenance,
+    )
 
     name = f"smollm2-135m-context-{result['dataset']}"
     t = result["test"]

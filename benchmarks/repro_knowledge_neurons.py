@@ -33,7 +33,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kn_steer.models.families import ModelShape  # noqa: E402
 from kn_steer.data.pararel import load_pararel  # noqa: E402
 from kn_steer.fileio import atomic_write_json  # noqa: E402
 from kn_steer.localize.examples import KNExample  # noqa: E402
@@ -41,6 +40,7 @@ from kn_steer.localize.methods import Context, get_method  # noqa: E402
 from kn_steer.localize.relation import score_prompts  # noqa: E402
 from kn_steer.localize.runner import Checkpoint, _header, example_hash  # noqa: E402
 from kn_steer.models import cache_dir, load_hf_model, resolve_model  # noqa: E402
+from kn_steer.models.families import ModelShape  # noqa: E402
 from kn_steer.steering.compile import compile_spec  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pararel"

@@ -33,12 +33,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kn_steer.models.families import ModelShape  # noqa: E402
 from kn_steer.data.pararel import load_pararel  # noqa: E402
 from kn_steer.fileio import atomic_write_json  # noqa: E402
 from kn_steer.localize import relation as rel  # noqa: E402
 from kn_steer.models import cache_dir, load_hf_model, resolve_model  # noqa: E402
-from kn_steer.sets.format import MethodInfo, Neuron, NeuronSet, Operation, Provenance, model_identity  # noqa: E402
+from kn_steer.models.families import ModelShape  # noqa: E402
+from kn_steer.sets.format import (  # noqa: E402
+    MethodInfo,
+    Neuron,
+    NeuronSet,
+    Operation,
+    Provenance,
+    model_identity,
+)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pararel"
 

@@ -25,12 +25,19 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from kn_steer.models.families import ModelShape
 from kn_steer.errors import KnSteerError, SpecError
-from kn_steer.steering.spec import SteeringSpec
+from kn_steer.models.families import ModelShape
 from kn_steer.steering.compile import compile_spec
+from kn_steer.steering.spec import SteeringSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 

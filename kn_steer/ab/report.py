@@ -10,7 +10,7 @@ from kn_steer.ab.config import ExperimentsConfig
 from kn_steer.ab.log import Joined, read_log
 from kn_steer.ab.stats import ExperimentStats, experiment_stats
 from kn_steer.errors import KnSteerError
-from kn_steer.fileio import atomic_write_json, atomic_savefig
+from kn_steer.fileio import atomic_savefig, atomic_write_json
 
 
 def build_report(

@@ -12,11 +12,19 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Request  # module level: FastAPI resolves the (string) annotations here
+from fastapi import (
+    Request,  # module level: FastAPI resolves the (string) annotations here
+)
 
 from kn_steer.ab.assign import assign
 from kn_steer.ab.config import ExperimentsConfig
-from kn_steer.ab.log import AssignmentLog, AssignmentRecord, check_outcome, log_prompts_enabled, now_iso
+from kn_steer.ab.log import (
+    AssignmentLog,
+    AssignmentRecord,
+    check_outcome,
+    log_prompts_enabled,
+    now_iso,
+)
 from kn_steer.ab.metrics import get_metrics
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.steering.spec import SteeringSpec

@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-arm outcome rates with confidence intervals and a significance test against control."""
         from kn_steer.ab.config import load_config
-        from kn_steer.ab.report import build_report, plot as make_plot, render, save_json
+        from kn_steer.ab.report import build_report, render, save_json
+        from kn_steer.ab.report import plot as make_plot
 
         cfg = load_config(config) if config is not None else None
         reports = build_report(log, experiment, cfg, control, confidence)
@@ -78,7 +79,8 @@ def register(app: typer.Typer) -> None:
 
         from kn_steer.ab.config import load_config
         from kn_steer.ab.offline import load_items, run_offline
-        from kn_steer.ab.report import build_report, plot as make_plot, render, save_json
+        from kn_steer.ab.report import build_report, render, save_json
+        from kn_steer.ab.report import plot as make_plot
 
         if fmt not in ("memotrap", "kre"):
             raise KnSteerError(f"--format must be memotrap or kre, not {fmt!r}")
@@ -112,8 +114,8 @@ def register(app: typer.Typer) -> None:
         from transformers import AutoConfig
 
         from kn_steer.ab.config import load_config, validate_specs
-        from kn_steer.models.families import ModelShape
         from kn_steer.models import resolve_model
+        from kn_steer.models.families import ModelShape
         from kn_steer.sets.format import model_identity
         from kn_steer.sets.registry import NeuronSetRegistry
 

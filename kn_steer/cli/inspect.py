@@ -79,9 +79,13 @@ def register(app: typer.Typer) -> None:
         plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of score by layer here."),
     ) -> None:
         """Print a set's metadata, counts per layer, and the tokens its top neurons read and write."""
-        from kn_steer.sets.inspect import check_set_model, neuron_tokens, plot_distribution
         from kn_steer.models import load_hf_model
         from kn_steer.sets.format import NeuronSet
+        from kn_steer.sets.inspect import (
+            check_set_model,
+            neuron_tokens,
+            plot_distribution,
+        )
 
         if top < 0 or tokens < 1:
             raise KnSteerError("--top must be >= 0 and --tokens >= 1")

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 import typer
 
 from kn_steer.errors import KnSteerError
-from kn_steer.models import DEFAULT_MODEL, Dtype, ModelRef, prepare_default_model, resolve_model
+from kn_steer.models import (
+    DEFAULT_MODEL,
+    Dtype,
+    ModelRef,
+    prepare_default_model,
+    resolve_model,
+)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import Any, Literal, Mapping, Sequence
 from kn_steer.data import ChoiceItem, load_items
 from kn_steer.errors import KnSteerError
 from kn_steer.eval.scoring import ItemScore
+from kn_steer.steering.compile import compile_spec
 from kn_steer.steering.masks import CompiledSteering
 from kn_steer.steering.spec import SteeringSpec, parse_spec
-from kn_steer.steering.compile import compile_spec
 
 Backend = Literal["hf", "vllm"]
 
@@ -65,8 +65,8 @@ class HFEvaluator:
 
     def __init__(self, model: str | Path = "smollm2-135m", sets_dir: str | Path | None = None,
                  batch_size: int = 16, device: str = "cpu"):
-        from kn_steer.models.families import ModelShape
         from kn_steer.models import load_hf_model, resolve_model
+        from kn_steer.models.families import ModelShape
         from kn_steer.sets.format import model_identity
 
         self.ref = resolve_model(model)

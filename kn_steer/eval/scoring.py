@@ -19,8 +19,8 @@ import torch
 
 from kn_steer.data.common import ChoiceItem
 from kn_steer.errors import DataError
-from kn_steer.tokens import continuation_ids, pad_id, prompt_ids
 from kn_steer.steering.masks import CompiledSteering
+from kn_steer.tokens import continuation_ids, pad_id, prompt_ids
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,13 @@ correlation over all 46,080 neurons 0.89-0.94, but only 55-70% of the top 20 neu
 bulk ranking is close, the selected few differ: use it to scan, and IG to choose a set.
 """
 
-from kn_steer.localize.engine import Attribution, attribute, attribute_ids, encode_prompt, encode_target
+from kn_steer.localize.engine import (
+    Attribution,
+    attribute,
+    attribute_ids,
+    encode_prompt,
+    encode_target,
+)
 from kn_steer.localize.examples import IRCANExample, KNExample, load_examples
 from kn_steer.localize.methods import (
     Context,

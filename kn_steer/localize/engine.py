@@ -39,10 +39,9 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from kn_steer.models.families import adapter_for_config
-
-from kn_steer.models.sites import decoder_layers, final_modules, hook_site
 from kn_steer.errors import DataError, KnSteerError
+from kn_steer.models.families import adapter_for_config
+from kn_steer.models.sites import decoder_layers, final_modules, hook_site
 from kn_steer.tokens import continuation_ids, prompt_ids
 
 TargetMode = Literal["first", "sum"]

@@ -24,9 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from kn_steer.errors import DataError, KnSteerError
 from kn_steer.models.families import ModelShape
 from kn_steer.models.sites import hook_site, remove_hooks
-from kn_steer.errors import DataError, KnSteerError
 from kn_steer.tokens import continuation_ids, pad_id, prompt_ids
 
 # ---------------------------------------------------------------------------------------------

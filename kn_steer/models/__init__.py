@@ -11,7 +11,12 @@ from kn_steer.models.checkpoints import (
     prepare_default_model,
     resolve_model,
 )
-from kn_steer.models.families import FamilyAdapter, ModelShape, adapter_for_config, supported_architectures
+from kn_steer.models.families import (
+    FamilyAdapter,
+    ModelShape,
+    adapter_for_config,
+    supported_architectures,
+)
 
 __all__ = [
     "DEFAULT_MODEL", "IDENTITY_FILE", "Dtype", "ModelRef", "cache_dir", "compute_fingerprint",

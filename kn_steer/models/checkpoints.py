@@ -167,10 +167,9 @@ def resolve_model(model: str | os.PathLike = DEFAULT_MODEL, dtype: Dtype = "floa
 def load_hf_model(ref: ModelRef, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) in eval mode with gradients off for the weights."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from kn_steer.models.families import adapter_for_config
-    from transformers import AutoConfig
 
     adapter_for_config(AutoConfig.from_pretrained(ref.path))  # fail early on unsupported families
     tokenizer = AutoTokenizer.from_pretrained(ref.path)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kn_steer.models.families import FamilyAdapter, ModelShape, adapter_for_config
 from kn_steer.errors import KnSteerError
+from kn_steer.models.families import FamilyAdapter, ModelShape, adapter_for_config
 from kn_steer.sets.format import ModelIdentity, model_identity
 from kn_steer.sets.registry import NeuronSetRegistry, default_sets_dir
 from kn_steer.steering.spec import DEFAULT_MAX_NEURONS

@@ -24,13 +24,12 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 
 from kn_steer.errors import KnSteerError, SpecError
-from kn_steer.serving import hooks
+from kn_steer.serving import hooks, wire
 from kn_steer.serving.context import ServingContext, current_context, load_context
-from kn_steer.serving import wire
 from kn_steer.serving.wire import RAW_KEY, WIRE_KEY
+from kn_steer.steering.compile import compile_spec
 from kn_steer.steering.masks import CompiledSteering
 from kn_steer.steering.spec import SteeringSpec, parse_spec
-from kn_steer.steering.compile import compile_spec
 
 INFO_ATTR = "_kn_steer_info"  # kept in the request's pydantic extras, for the response
 _PATCHED = "_kn_steer_patched"

@@ -19,7 +19,7 @@ intermediate dimension and drops neurons outside it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

@@ -13,7 +13,6 @@ or later through a post-import hook), so a process pays for none of the modules 
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import logging
 import sys
 import threading
@@ -27,7 +26,8 @@ _PATCHED = "_kn_steer_patched"
 _pending: dict[str, list[Callable[[Any], None]]] = {}
 _lock = threading.RLock()
 _registered = False
-_ab_installed = False
+_extensions_installed = False
+EXTENSIONS_GROUP = "kn_steer.serving_extensions"
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
@@ -95,7 +95,7 @@ def _wrap_create_engine_config(orig):
         slots = num_slots(config.scheduler_config.max_num_seqs)
         if isinstance(config.additional_config, dict):
             config.additional_config["kn_steer"] = {**mark, "slots": slots}
-        _install_ab()
+        _install_extensions()
         return config
 
     setattr(create_engine_config, _PATCHED, True)
@@ -109,19 +109,19 @@ def _patch_arg_utils(module: Any) -> None:
         cls.create_engine_config = _wrap_create_engine_config(current)
 
 
-def _install_ab() -> None:
-    """Let the A/B layer register its hooks (API-server side; optional package)."""
-    global _ab_installed
-    if _ab_installed:
+def _install_extensions() -> None:
+    """Load the serving extensions (entry-point group ``kn_steer.serving_extensions``; the A/B
+    layer is one): each is a callable run once in the API-server process, before the app is
+    built, that registers itself through :mod:`kn_steer.serving.hooks`. Serving never imports
+    them by name."""
+    global _extensions_installed
+    if _extensions_installed:
         return
-    _ab_installed = True
-    if importlib.util.find_spec("kn_steer.ab") is None:
-        return
-    import kn_steer.ab as ab
+    _extensions_installed = True
+    from importlib.metadata import entry_points
 
-    install = getattr(ab, "install", None)
-    if install is not None:
-        install()
+    for ep in entry_points(group=EXTENSIONS_GROUP):
+        ep.load()()
 
 
 def register() -> None:

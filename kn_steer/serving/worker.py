@@ -14,13 +14,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from kn_steer.models.families import adapter_for_config
-
-from kn_steer.models.sites import site_modules, site_pre_hook
 from kn_steer.errors import KnSteerError
+from kn_steer.models.families import adapter_for_config
+from kn_steer.models.sites import site_modules, site_pre_hook
+from kn_steer.serving import wire as wire_format
 from kn_steer.serving.context import num_slots
 from kn_steer.serving.mask_bank import MaskBank, local_slice
-from kn_steer.serving import wire as wire_format
 from kn_steer.serving.wire import WIRE_KEY
 
 logger = logging.getLogger("kn_steer.serving")

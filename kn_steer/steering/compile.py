@@ -26,9 +26,13 @@ from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import NeuronSet
 from kn_steer.steering.masks import CompiledSteering, SparseMask
 from kn_steer.steering.spec import (
-    DEFAULT_MAX_NEURONS, POSITION_KINDS, Intervention, PositionKind, SteeringSpec, parse_spec,
+    DEFAULT_MAX_NEURONS,
+    POSITION_KINDS,
+    Intervention,
+    PositionKind,
+    SteeringSpec,
+    parse_spec,
 )
-
 
 _SET_ARRAYS: dict[int, tuple[NeuronSet, tuple[np.ndarray, ...]]] = {}
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 ENGINE_KW: dict[str, Any] = dict(
     dtype="float32", max_model_len=512, max_num_seqs=64, seed=0, enable_prefix_caching=True,
 )
@@ -52,7 +51,13 @@ TEST_SETS: dict[str, tuple[list[tuple[int, int]], dict[str, Any]]] = {
 
 def write_test_sets(folder: Path, ref, config, sets=TEST_SETS) -> Path:
     """Neuron-set files for ``ref`` (a ModelRef) in ``folder``."""
-    from kn_steer.sets.format import MethodInfo, Neuron, NeuronSet, Operation, model_identity
+    from kn_steer.sets.format import (
+        MethodInfo,
+        Neuron,
+        NeuronSet,
+        Operation,
+        model_identity,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     identity = model_identity(ref, config)

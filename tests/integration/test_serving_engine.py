@@ -12,8 +12,15 @@ import random
 
 import pytest
 import torch
-
-from helpers.engines import ENGINE_KW, default_ref, greedy, make_llm, offline_llm, registry, shutdown
+from helpers.engines import (
+    ENGINE_KW,
+    default_ref,
+    greedy,
+    make_llm,
+    offline_llm,
+    registry,
+    shutdown,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -60,8 +67,8 @@ def _run(llm, prompts_ids, specs, max_tokens=10, logprobs=None):
 
 def _reference(model, ids, spec, max_tokens):
     from kn_steer.models.families import ModelShape
-    from kn_steer.steering.reference import steer
     from kn_steer.steering.compile import compile_spec
+    from kn_steer.steering.reference import steer
 
     compiled = compile_spec(spec or {}, registry(), ModelShape.from_config(model.config))
     x = torch.tensor([ids])

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from helpers.engines import default_ref, make_llm, shutdown, write_test_sets
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -50,8 +49,8 @@ def build(family: str, folder, seed: int = 0):
 
 def reference(model, ids, spec, max_tokens):
     from kn_steer.models.families import ModelShape
-    from kn_steer.steering.reference import steer
     from kn_steer.steering.compile import compile_spec
+    from kn_steer.steering.reference import steer
 
     compiled = compile_spec(spec or {}, {}, ModelShape.from_config(model.config))
     x = torch.tensor([ids])

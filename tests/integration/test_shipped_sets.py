@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers.paths import SETS
 
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import NeuronSet, model_identity
 from kn_steer.sets.registry import NeuronSetRegistry
 from kn_steer.steering.compile import compile_spec
 
-from helpers.paths import SETS
 SHIPPED = sorted(SETS.glob("*.json"))
 
 

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.paths import ROOT
 from scipy import stats
 
 from kn_steer.ab import assign as assign_mod
 from kn_steer.ab.config import load_config, parse_config, validate_specs
 from kn_steer.ab.log import AssignmentLog, read_log
-from kn_steer.models.families import ModelShape
 from kn_steer.errors import KnSteerError, SpecError
+from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import MethodInfo, ModelIdentity, Neuron, NeuronSet, Operation
 from kn_steer.steering.spec import SteeringSpec
 
-from helpers.paths import ROOT
 SHAPE = ModelShape(30, 1536)
 IDENTITY = ModelIdentity(name="test-model", fingerprint="sha256:test", architecture="LlamaForCausalLM",
                          num_layers=30, intermediate_size=1536)
@@ -351,7 +351,7 @@ def synthetic_log(path: Path, rates: dict[str, float], n: int, seed: int, numeri
 
 
 def test_wilson_interval_known_values():
-    from kn_steer.ab.stats import wilson
+    from kn_steer.stats import wilson
 
     iv = wilson(81, 263)  # textbook example: 0.3080, [0.2553, 0.3662]
     assert math.isclose(iv.estimate, 0.30798, abs_tol=1e-4)
@@ -391,7 +391,7 @@ def test_numeric_outcomes_use_welch(tmp_path):
 
 
 def test_small_counts_use_fisher(tmp_path):
-    from kn_steer.ab.stats import compare_binary
+    from kn_steer.stats import compare_binary
 
     res = compare_binary(9, 10, 2, 10)
     assert res.test == "fisher"

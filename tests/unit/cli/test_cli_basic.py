@@ -6,7 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kn_steer.sets.format import MethodInfo, Neuron, NeuronSet, Operation, model_identity
+from kn_steer.sets.format import (
+    MethodInfo,
+    Neuron,
+    NeuronSet,
+    Operation,
+    model_identity,
+)
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.paths import DATA
 
 from kn_steer.data import load_items
 from kn_steer.data.kre import build_prompt, load_kre
 from kn_steer.data.memotrap import load_memotrap
 from kn_steer.errors import DataError
 
-from helpers.paths import DATA
 needs_data = pytest.mark.skipif(not (DATA / "memotrap").is_dir() or not (DATA / "kre").is_dir(),
                                 reason="../shared/data is absent")
 

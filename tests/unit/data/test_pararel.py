@@ -6,11 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.paths import PARAREL
 
-from kn_steer.data.pararel import load_pararel, load_relation, pattern_prefix, relation_ids
+from kn_steer.data.pararel import (
+    load_pararel,
+    load_relation,
+    pattern_prefix,
+    relation_ids,
+)
 from kn_steer.errors import DataError
 
-from helpers.paths import PARAREL
 needs_data = pytest.mark.skipif(not PARAREL.is_dir(), reason=f"{PARAREL} is absent")
 
 

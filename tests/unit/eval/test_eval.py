@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.paths import DATA, SETS
 
-from kn_steer.models.families import ModelShape
 from kn_steer.data import load_items
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.eval.api import make_spec, summarize
 from kn_steer.eval.scoring import encode_items, score_hf
+from kn_steer.models.families import ModelShape
 from kn_steer.steering.compile import compile_spec
 
-from helpers.paths import DATA, SETS
 needs_data = pytest.mark.skipif(not (DATA / "memotrap").is_dir() or not (DATA / "kre").is_dir(),
                                 reason="../shared/data is absent")
 

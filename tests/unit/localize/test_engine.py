@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers.oracle import reference_attribution
 from helpers.tiny import TINY_CONFIGS, build_tiny_model
-from kn_steer.models.families import ModelShape
+
 from kn_steer.errors import DataError, KnSteerError
-from kn_steer.localize.engine import attribute, attribute_ids, encode_prompt, encode_target
+from kn_steer.localize.engine import (
+    attribute,
+    attribute_ids,
+    encode_prompt,
+    encode_target,
+)
+from kn_steer.models.families import ModelShape
 
 
 def _rel_err(fast: torch.Tensor, ref: torch.Tensor) -> float:

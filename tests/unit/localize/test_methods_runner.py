@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.paths import ROOT
 
 from kn_steer.errors import DataError, KnSteerError
 from kn_steer.localize import (
@@ -25,11 +26,15 @@ from kn_steer.localize import (
     load_examples,
     run_localization,
 )
-from kn_steer.localize.methods import KNParams, IRCANParams, coarse_select, ircan_select, kn_select
+from kn_steer.localize.methods import (
+    IRCANParams,
+    KNParams,
+    coarse_select,
+    ircan_select,
+    kn_select,
+)
 from kn_steer.localize.runner import checkpoint_path, examples_path
 from kn_steer.sets.format import NeuronSet, model_identity
-
-from helpers.paths import ROOT
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:

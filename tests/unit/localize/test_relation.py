@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from kn_steer.models.families import ModelShape
 from kn_steer.localize.methods import get_method
 from kn_steer.localize.relation import (
     RelationCorpus,
@@ -18,6 +17,7 @@ from kn_steer.localize.relation import (
     score_prompts,
 )
 from kn_steer.localize.runner import RunInfo, run_localization
+from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import NeuronSet, model_identity
 
 CAPITAL = ["The capital of France is", "The capital city of Italy is", "The capital of Japan is",

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tiny import TINY_CONFIGS, build_tiny_model
 from transformers import AutoConfig
 from transformers.activations import ACT2FN
 
-from kn_steer.models.families import ModelShape, adapter_for_config, supported_architectures
-
-from kn_steer.models.sites import decoder_layers, get_path, neuron_module_names, neuron_modules, read_vectors, write_vectors
 from kn_steer.errors import UnsupportedArchitecture
-
-from helpers.tiny import TINY_CONFIGS, build_tiny_model
+from kn_steer.models.families import (
+    ModelShape,
+    adapter_for_config,
+    supported_architectures,
+)
+from kn_steer.models.sites import (
+    decoder_layers,
+    get_path,
+    neuron_module_names,
+    neuron_modules,
+    read_vectors,
+    write_vectors,
+)
 
 FAMILIES = sorted(TINY_CONFIGS)
 EXPECTED_INTERMEDIATE = {f: 96 for f in FAMILIES} | {"gpt2": 4 * 64}

@@ -7,8 +7,8 @@ import torch
 
 from kn_steer.models.families import ModelShape
 from kn_steer.serving.mask_bank import MaskBank, local_slice
-from kn_steer.steering.masks import CompiledSteering, dense_mask
 from kn_steer.steering.compile import compile_spec
+from kn_steer.steering.masks import CompiledSteering, dense_mask
 
 SHAPE = ModelShape(num_layers=3, intermediate_size=8)
 

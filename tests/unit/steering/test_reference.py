@@ -12,18 +12,16 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-
-from kn_steer.models.families import ModelShape
-
-from kn_steer.models.sites import neuron_modules
-from kn_steer.errors import SpecError
-from kn_steer.sets.format import MethodInfo, ModelIdentity, Neuron, NeuronSet, Operation
-from kn_steer.steering.reference import steer
-from kn_steer.steering.masks import CompiledSteering, SparseMask, dense_mask
-from kn_steer.steering.compile import compile_spec
-from kn_steer.serving import wire
-
 from helpers.tiny import TINY_CONFIGS, build_tiny_model
+
+from kn_steer.errors import SpecError
+from kn_steer.models.families import ModelShape
+from kn_steer.models.sites import neuron_modules
+from kn_steer.serving import wire
+from kn_steer.sets.format import MethodInfo, ModelIdentity, Neuron, NeuronSet, Operation
+from kn_steer.steering.compile import compile_spec
+from kn_steer.steering.masks import CompiledSteering, SparseMask, dense_mask
+from kn_steer.steering.reference import steer
 
 SHAPE = ModelShape(30, 1536)
 PROMPT = "The capital of France is"

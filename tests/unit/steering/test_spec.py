@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from kn_steer.models.families import ModelShape
 from kn_steer.errors import SpecError
+from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import MethodInfo, ModelIdentity, Neuron, NeuronSet, Operation
 from kn_steer.steering.compile import compile_spec
 
