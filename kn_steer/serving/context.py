@@ -87,7 +87,7 @@ def load_context(model_path: str, hf_config: Any) -> ServingContext:
         if not (path / "config.json").is_file():
             raise KnSteerError(
                 f"kn-steer needs a local model folder to check neuron sets against; {model_path!r} "
-                f"is not one (prepare it with `kn-steer models prepare` or pass a folder)"
+                f"is not one (prepare it with `kn-steer model prepare` or pass a folder)"
             )
         ref = resolve_model(path)
         identity = model_identity(ref, hf_config)
