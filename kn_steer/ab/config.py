@@ -37,6 +37,7 @@ from pydantic import (
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.models.families import ModelShape
 from kn_steer.steering.compile import compile_spec
+from kn_steer.steering.limits import RequestLimits
 from kn_steer.steering.spec import SteeringSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -191,7 +192,7 @@ def load_config(path: str | Path) -> ExperimentsConfig:
 
 def validate_specs(
     config: ExperimentsConfig, sets: Mapping[str, Any], shape: ModelShape | None,
-    max_neurons: int | None = None, source: str = "experiments config",
+    limits: RequestLimits | None = None, source: str = "experiments config",
 ) -> None:
     """Compile every arm against the served registry: an unknown set or bad neuron stops start-up."""
     problems: list[str] = []
@@ -204,8 +205,7 @@ def validate_specs(
                 if shape is None:
                     _check_names_only(arm.spec(), sets, where)
                 else:
-                    kwargs = {"max_neurons": max_neurons} if max_neurons is not None else {}
-                    compile_spec(arm.spec(), sets, shape, where=where, **kwargs)
+                    compile_spec(arm.spec(), sets, shape, where=where, limits=limits)
             except SpecError as exc:
                 problems.append(f"  {exc}")
     if problems:

@@ -1,7 +1,14 @@
-"""``kn-steer serve``: serve a model with the plugin through plain ``vllm serve``.
+"""``kn-steer serve``: serve a model with the plugin through vLLM's own command line.
 
 The plugin itself is loaded by vLLM from the ``vllm.general_plugins`` entry point; this command
-only prepares the model, turns its flags into the plugin's environment variables and execs vLLM.
+only prepares the model, turns its flags into the plugin's environment variables (read in every
+vLLM process, see :mod:`kn_steer.serving.settings`) and execs vLLM.
+
+CPU defaults (each overridable): ``--dtype float32`` (this CPU has no fast bfloat16),
+``--max-model-len 2048``, a 4 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``; vLLM would otherwise
+reserve most of the machine's memory), and ``VLLM_USE_AOT_COMPILE=0`` (vLLM 0.32's CPU build fails
+to load its own ahead-of-time compile artifacts and recompiles at every start; the plain compile
+cache loads).
 """
 
 from __future__ import annotations
@@ -9,77 +16,125 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from kn_steer.errors import KnSteerError
 
-# CPU-friendly defaults; anything after `--` is passed to vLLM and wins over these.
-_CPU_DEFAULTS = ["--dtype", "float32", "--max-model-len", "2048"]
+# Anything after `--` is passed to vLLM and wins over these.
+_CPU_FLAGS = {"--dtype": "float32", "--max-model-len": "2048"}
+_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_USE_AOT_COMPILE": "0"}
 
 
-def build_command(
-    model: str, sets: Path | None, host: str, port: int, max_neurons: int | None,
-    slots: int | None, extra: list[str], experiments: Path | None = None, ab_log: Path | None = None,
-) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) for ``vllm serve``; the model is resolved/prepared first."""
+@dataclass
+class ServeOptions:
+    """``kn-steer serve``'s flags, as the environment the plugin reads."""
+
+    model: str = "smollm2-135m"
+    sets: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_neurons: int | None = None
+    max_interventions: int | None = None
+    max_abs_factor: float | None = None
+    max_abs_value: float | None = None
+    slots: int | None = None
+    bank_mib: float | None = None
+    experiments: Path | None = None
+    ab_log: Path | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def environment(self) -> dict[str, str]:
+        env = {}
+        for name, value in (("KN_STEER_MAX_NEURONS", self.max_neurons),
+                            ("KN_STEER_MAX_INTERVENTIONS", self.max_interventions),
+                            ("KN_STEER_MAX_ABS_FACTOR", self.max_abs_factor),
+                            ("KN_STEER_MAX_ABS_VALUE", self.max_abs_value),
+                            ("KN_STEER_SLOTS", self.slots), ("KN_STEER_BANK_MIB", self.bank_mib)):
+            if value is not None:
+                env[name] = str(value)
+        return env
+
+
+def _on_cpu() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) for vLLM's ``serve``; the model is resolved/prepared first."""
     from kn_steer.models import resolve_model
+    from kn_steer.serving.settings import load_settings
     from kn_steer.sets.registry import ENV_VAR, default_sets_dir
 
-    ref = resolve_model(model)
+    ref = resolve_model(opts.model)
     env = dict(os.environ)
-    folder = (sets or default_sets_dir()).expanduser()
+    folder = (opts.sets or default_sets_dir()).expanduser()
     if not folder.is_dir():
         raise KnSteerError(f"neuron-set folder {folder} does not exist (use --sets DIR)")
     env[ENV_VAR] = str(folder.resolve())
-    if max_neurons is not None:
-        env["KN_STEER_MAX_NEURONS"] = str(max_neurons)
-    if slots is not None:
-        env["KN_STEER_SLOTS"] = str(slots)
-    if experiments is not None:
-        if not experiments.is_file():
-            raise KnSteerError(f"experiments config {experiments} does not exist")
-        env["KN_STEER_EXPERIMENTS"] = str(experiments.expanduser().resolve())
-    if ab_log is not None:
-        env["KN_STEER_AB_LOG"] = str(ab_log.expanduser().resolve())
+    env.update(opts.environment())
+    if opts.experiments is not None:
+        if not opts.experiments.is_file():
+            raise KnSteerError(f"experiments config {opts.experiments} does not exist")
+        env["KN_STEER_EXPERIMENTS"] = str(opts.experiments.expanduser().resolve())
+    if opts.ab_log is not None:
+        env["KN_STEER_AB_LOG"] = str(opts.ab_log.expanduser().resolve())
     env.pop("KN_STEER_DISABLE", None)
     if importlib.util.find_spec("vllm") is None:
         raise KnSteerError("vLLM is not installed: pip install 'kn-steer[cpu]' (or [gpu])")
-    given = {a.split("=")[0] for a in extra if a.startswith("--")}
+    saved = dict(os.environ)
+    try:  # validate the flags now, with a message, rather than in every vLLM process
+        os.environ.clear()
+        os.environ.update(env)
+        load_settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    given = {a.split("=")[0] for a in opts.extra if a.startswith("--")}
     defaults: list[str] = []
-    for flag, value in zip(_CPU_DEFAULTS[::2], _CPU_DEFAULTS[1::2]):
-        if flag not in given:
-            defaults += [flag, value]
+    if _on_cpu():
+        for flag, value in _CPU_FLAGS.items():
+            if flag not in given:
+                defaults += [flag, value]
+        for name, value in _CPU_ENV.items():
+            env.setdefault(name, value)
     # Through kn-steer's launcher: the `vllm` script of the CPU wheel cannot start (see launch.py).
     argv = [sys.executable, "-m", "kn_steer.serving.launch", "serve", str(ref.path), "--served-model-name", ref.name,
-            "--host", host, "--port", str(port), *defaults, *extra]
+            "--host", opts.host, "--port", str(opts.port), *defaults, *opts.extra]
     return argv, env
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        "serve",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
+    @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def serve(
         ctx: typer.Context,
-        model: str = typer.Option("smollm2-135m", help="'smollm2-135m' or a model folder"),
-        sets: Optional[Path] = typer.Option(None, help="neuron-set folder (default: neuron_sets/ or $KN_STEER_NEURON_SETS)"),
-        host: str = typer.Option("127.0.0.1"),
-        port: int = typer.Option(8000),
-        max_neurons: Optional[int] = typer.Option(None, help="most neurons one request may touch"),
-        slots: Optional[int] = typer.Option(None, help="mask slots per layer (default 2*max_num_seqs+1)"),
-        experiments: Optional[Path] = typer.Option(None, help="A/B experiments config (JSON); sets $KN_STEER_EXPERIMENTS"),
-        ab_log: Optional[Path] = typer.Option(None, help="A/B assignment log (JSONL); sets $KN_STEER_AB_LOG"),
-        dry_run: bool = typer.Option(False, help="print the vLLM command and exit"),
+        model: str = typer.Option("smollm2-135m", "--model", "-m", help="A prepared model name or a model folder."),
+        sets: Optional[Path] = typer.Option(None, "--sets", help="Neuron-set folder (default: neuron_sets/ or $KN_STEER_NEURON_SETS)."),
+        host: str = typer.Option("127.0.0.1", "--host"),
+        port: int = typer.Option(8000, "--port"),
+        max_neurons: Optional[int] = typer.Option(None, "--max-neurons", help="Distinct neurons one request may touch (200000)."),
+        max_interventions: Optional[int] = typer.Option(None, "--max-interventions", help="Interventions per request (64)."),
+        max_abs_factor: Optional[float] = typer.Option(None, "--max-abs-factor", help="Largest |scale factor| after composition (100; float16: 10)."),
+        max_abs_value: Optional[float] = typer.Option(None, "--max-abs-value", help="Largest |clamp value| (1e4; float16: 1e3)."),
+        slots: Optional[int] = typer.Option(None, "--slots", help="Mask slots per worker (default: from --bank-mib)."),
+        bank_mib: Optional[float] = typer.Option(None, "--bank-mib", help="Memory for mask slots per worker (256)."),
+        experiments: Optional[Path] = typer.Option(None, "--experiments", help="A/B experiments config (JSON)."),
+        ab_log: Optional[Path] = typer.Option(None, "--ab-log", help="A/B assignment log (JSONL)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the vLLM command and exit."),
     ) -> None:
         """Serve MODEL with per-request neuron steering (extra args after `--` go to `vllm serve`)."""
-        extra: List[str] = list(ctx.args)
-        argv, env = build_command(
-            model, sets, host, port, max_neurons, slots, extra, experiments, ab_log
-        )
+        opts = ServeOptions(model, sets, host, port, max_neurons, max_interventions, max_abs_factor, max_abs_value,
+                            slots, bank_mib, experiments, ab_log, list(ctx.args))
+        argv, env = build_command(opts)
         if dry_run:
             typer.echo(" ".join(argv))
             return

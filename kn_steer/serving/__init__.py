@@ -1,26 +1,29 @@
-"""The vLLM plugin: per-request MLP-neuron masks in mixed batches.
+"""The vLLM plugin: per-request interventions on MLP neurons, in mixed batches, proven at start-up.
 
 With kn-steer installed, ``vllm serve MODEL`` (and ``vllm.LLM``) load :func:`plugin.register`
 through the ``vllm.general_plugins`` entry point; ``kn-steer serve`` is a thin wrapper.
 
-Request interface (``/v1/completions``, ``/v1/chat/completions``)::
+A request spec crosses these modules, top to bottom:
 
-    {"kn_steer": {"interventions": [
-        {"set": "NAME" | "neurons": [[layer, index], ...], "op": "scale" | "clamp",
-         "factor": F, "value": V, "layers": [...], "positions": "all" | "prompt" | "generated"}]}}
+* :mod:`.endpoints` (ASGI middleware: ``kn_steer`` only where it is applied, bounded bodies) ->
+  :mod:`.api` (compile off the event loop, the response's report, records, metrics) ->
+  :mod:`.edge` (parse, A/B arm, :mod:`kn_steer.steering.compile` with the server's limits, HTTP 400
+  on any problem; attach the masks in :mod:`.wire` format, salt the prefix cache) ->
+  :mod:`.admission` (the scheduler never runs more distinct masks than the bank holds) ->
+  :mod:`.runner_v1` (per step: :mod:`.mapping` token -> slot, :mod:`.slots` slot table) ->
+  :mod:`.ops.neuron_mask` (the layer math, in the compiled graph).
 
-or the same object as a JSON string in ``vllm_xargs={"kn_steer": "..."}``, or offline
-``SamplingParams(extra_args={"kn_steer": {...}})``. Composition: scales multiply, a clamp wins
-(the last clamp listed). Responses carry ``"kn_steer": {"applied": [...], "neurons": {...}}``
-(streaming: on the first chunk). ``GET /v1/kn_steer/sets`` lists the neuron-set registry.
-
-Flow: API edge (``to_sampling_params``: parse, resolve A/B experiment, compile, HTTP 400 on any
-problem) -> ``InputProcessor.process_inputs`` (compile again from a cache, attach the compiled
-masks to ``extra_args``, salt the prefix cache) -> engine -> worker (``_prepare_inputs``: map each
-token to a mask slot; pre-hooks on every ``down_proj`` apply ``h * mul[slot] + add[slot]``).
-
-Modules: :mod:`.context` (settings, registry), :mod:`.frontend` (validation/compilation),
-:mod:`.mask_bank` (slots), :mod:`.worker` (model runner hooks), :mod:`.api` (responses, routes,
-request records), :mod:`.hooks` (A/B extension points), :mod:`.plugin` (registration),
-:mod:`.cli` (``kn-steer serve``).
+Start-up: :mod:`.plugin` applies :mod:`.vllm_contract` (every vLLM internal touched),
+:mod:`.engine_config` refuses what cannot be steered and sizes the bank, :mod:`.selfcheck` proves
+the masks reach the compiled forward in every worker, :mod:`.api` asks every worker for that proof
+before the server answers. Settings: :mod:`.settings`; per-process model context: :mod:`.context`;
+extension points for the A/B layer: :mod:`.hooks`.
 """
+
+
+def __getattr__(name: str):
+    if name == "verify_engine":  # lazily: the plugin entry point imports this package
+        from kn_steer.serving.api import verify_engine
+
+        return verify_engine
+    raise AttributeError(name)

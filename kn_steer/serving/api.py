@@ -1,65 +1,157 @@
-"""API-server side: the ``kn_steer`` response field, request records, and extra routes.
+"""API-server side: the response's ``kn_steer`` object, request records, routes, engine verification.
 
-* Non-streaming completion and chat responses get a ``kn_steer`` object (what was applied);
-  streaming responses carry it on their first chunk.
-* ``create_completion``/``create_chat_completion`` are timed and each finished request is handed
-  to :data:`kn_steer.serving.hooks.request_listeners` (only when there is a listener).
-* Routes are added while vLLM builds its FastAPI app (the general plugin wraps
-  ``attach_endpoint_plugins``, looked up by ``build_app`` at call time), so plain
-  ``vllm serve MODEL`` gets them with no ``VLLM_PLUGINS`` setting:
-  ``GET /v1/kn_steer/sets`` and whatever :data:`hooks.route_installers` add.
+* ``create_completion`` / ``create_chat_completion``: the spec is resolved and compiled in a worker
+  thread before vLLM's handler runs (the event loop keeps answering ``/health``), and every finished
+  request is handed to :data:`kn_steer.serving.hooks.request_listeners` (only when there is one)
+  and counted in the Prometheus metrics (:mod:`.metrics`).
+* Non-streaming responses get a ``kn_steer`` object: what was applied (per intervention: set,
+  neuron count, operation and dose actually used, positions), the masks' sizes, the engine's
+  self-check, and the steered tokens; streaming responses carry it on their first chunk (without
+  token counts, which are not known yet).
+* ``attach_endpoint_plugins`` (looked up by ``build_app`` at call time): kn-steer's routes and the
+  middleware of :mod:`.endpoints`. ``init_app_state`` / ``LLMEngine.__init__``: ask every worker for its
+  self-check (:func:`verify_engine`) before the first request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import time
 from typing import Any, AsyncGenerator
 
-from kn_steer.serving import hooks
-from kn_steer.serving.frontend import request_info
+from kn_steer.errors import KnSteerError
+from kn_steer.serving import hooks, metrics
+from kn_steer.serving.edge import (
+    STATUS_ATTR,
+    SteeringRequestError,
+    prepare,
+    raw_spec,
+    request_info,
+)
 
 logger = logging.getLogger("kn_steer.serving")
-_PATCHED = "_kn_steer_patched"
 SETS_ROUTE = "/v1/kn_steer/sets"
+STATUS_ROUTE = "/v1/kn_steer/status"
+STEERED_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
 
-def _mark(fn):
-    setattr(fn, _PATCHED, True)
-    return fn
+# ----- engine verification ----------------------------------------------------------------------
+def summarize_workers(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of every worker's ``kn_steer_status``; raises unless all of them can steer."""
+    if not statuses:
+        raise KnSteerError("kn-steer: the engine reported no workers")
+    enabled = {bool(s.get("enabled")) for s in statuses}
+    if len(enabled) != 1:
+        raise KnSteerError("kn-steer: workers disagree on whether steering is enabled")
+    if not enabled.pop():
+        return {"enabled": False, "reason": statuses[0].get("reason", ""), "workers": len(statuses)}
+    failed = [i for i, s in enumerate(statuses) if not (s.get("self_check") or {}).get("passed")]
+    if failed:
+        raise KnSteerError(f"kn-steer: worker(s) {failed} did not pass the start-up self-check: refusing to steer")
+    return {"enabled": True, "self_check": "passed", "workers": len(statuses),
+            "slots": statuses[0]["slots"]["capacity"], "runner": statuses[0].get("runner")}
 
 
-def _patch(cls: type, name: str, wrapper) -> None:
-    current = getattr(cls, name, None)
-    if current is None or getattr(current, _PATCHED, False):
-        return
-    setattr(cls, name, wrapper(current))
+def _rpc_failed(exc: Exception) -> KnSteerError:
+    return KnSteerError(
+        "kn-steer: the engine's workers did not answer kn_steer_status: kn-steer must be installed in every "
+        f"vLLM process (worker processes load it as a vllm.general_plugins entry point) ({exc})"
+    )
 
 
-# ----- response field -----------------------------------------------------------------------------
+async def verify_engine(engine: Any) -> dict[str, Any]:
+    """Ask an ``AsyncLLM`` for every worker's status; mark its front end verified (or raise)."""
+    try:
+        statuses = await engine.collective_rpc("kn_steer_status")
+    except Exception as exc:  # noqa: BLE001 - any failure means the workers cannot prove anything
+        raise _rpc_failed(exc) from exc
+    summary = summarize_workers(list(statuses))
+    setattr(engine.input_processor, STATUS_ATTR, summary)
+    return summary
+
+
+def wrap_init_app_state(orig):
+    async def init_app_state(engine_client, state, *args, **kwargs):
+        result = await orig(engine_client, state, *args, **kwargs)
+        summary = await verify_engine(engine_client)
+        state.kn_steer_engine = summary
+        logger.info("kn-steer: engine verified: %s", summary)
+        return result
+
+    return init_app_state
+
+
+def wrap_llm_engine_init(orig):
+    def __init__(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        try:
+            statuses = self.collective_rpc("kn_steer_status")
+        except Exception as exc:  # noqa: BLE001
+            raise _rpc_failed(exc) from exc
+        setattr(self.input_processor, STATUS_ATTR, summarize_workers(list(statuses)))
+
+    return __init__
+
+
+# ----- the response's kn_steer object -----------------------------------------------------------
+def _non_finite_logprobs(response: Any) -> bool:
+    for choice in getattr(response, "choices", None) or []:
+        lp = getattr(choice, "logprobs", None)
+        if lp is None:
+            continue
+        values: list[Any] = list(getattr(lp, "token_logprobs", None) or [])
+        for top in getattr(lp, "top_logprobs", None) or []:
+            values += list((top or {}).values())
+        for item in getattr(lp, "content", None) or []:
+            values.append(getattr(item, "logprob", 0.0))
+            values += [getattr(t, "logprob", 0.0) for t in getattr(item, "top_logprobs", None) or []]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return True
+    return False
+
+
+def steered_tokens(info: dict[str, Any], usage: Any) -> dict[str, int] | None:
+    """Tokens whose forward pass was steered, from the masks' sizes and the request's usage."""
+    if usage is None:
+        return None
+    prompt = getattr(usage, "prompt_tokens", None) or 0
+    generated = getattr(usage, "completion_tokens", None) or 0
+    return {"prompt": prompt if info["neurons"]["prompt"] else 0,
+            "generated": generated if info["neurons"]["generated"] else 0}
+
+
 def _attach(response: Any, request: Any) -> Any:
     info = request_info(request)
-    if info is not None and response is not None and hasattr(response, "model_extra"):
-        try:
-            setattr(response, "kn_steer", info)
-        except Exception:  # noqa: BLE001 - never fail a response over the report
-            logger.exception("kn-steer: could not attach the applied report")
+    if info is None or response is None or not hasattr(response, "model_extra"):
+        return response
+    if _non_finite_logprobs(response):
+        raise SteeringRequestError(
+            "kn_steer: the steered forward pass produced non-finite log-probabilities; lower the dose "
+            "(the server's limits are at GET /v1/kn_steer/sets)"
+        )
+    body = dict(info)
+    tokens = steered_tokens(info, getattr(response, "usage", None))
+    if tokens is not None:
+        body["steered_tokens"] = tokens
+    setattr(response, "kn_steer", body)
     return response
 
 
-def _wrap_to_response(orig):
+def wrap_to_response(orig):
     def request_output_to_completion_response(self, final_res_batch, request, *args, **kwargs):
         return _attach(orig(self, final_res_batch, request, *args, **kwargs), request)
 
-    return _mark(request_output_to_completion_response)
+    return request_output_to_completion_response
 
 
-def _wrap_full_generator(orig):
+def wrap_full_generator(orig):
     async def chat_completion_full_generator(self, request, *args, **kwargs):
         return _attach(await orig(self, request, *args, **kwargs), request)
 
-    return _mark(chat_completion_full_generator)
+    return chat_completion_full_generator
 
 
 def _with_info_on_first_chunk(gen: AsyncGenerator[str, None], info: dict[str, Any]):
@@ -80,39 +172,47 @@ def _with_info_on_first_chunk(gen: AsyncGenerator[str, None], info: dict[str, An
     return wrapped()
 
 
-def _wrap_stream_generator(orig):
+def wrap_stream_generator(orig):
     def stream_generator(self, request, *args, **kwargs):
         gen = orig(self, request, *args, **kwargs)
         info = request_info(request)
         return gen if info is None else _with_info_on_first_chunk(gen, info)
 
-    return _mark(stream_generator)
+    return stream_generator
 
 
-# ----- request records ----------------------------------------------------------------------------
-def _record(request: Any, endpoint: str, started: float, *, error: bool, status: int,
-            usage: Any = None, completion_tokens: int | None = None) -> None:
+# ----- request records and metrics ------------------------------------------------------------------
+def _record(request: Any, endpoint: str, started: float, *, error: bool, status: int, raw_request: Any,
+            usage: Any = None, completion_tokens: int | None = None, response_id: str | None = None) -> None:
+    info = request_info(request)
+    prompt_tokens = getattr(usage, "prompt_tokens", None) if usage is not None else None
+    completion = getattr(usage, "completion_tokens", None) if usage is not None else completion_tokens
+    metrics.observe_request(info, error=error, prompt_tokens=prompt_tokens, completion_tokens=completion)
+    if not hooks.request_listeners:
+        return
+    headers = getattr(raw_request, "headers", None)
     hooks.notify_request({
         "request_id": getattr(request, "request_id", None),
+        "response_id": response_id,
+        "header_request_id": headers.get("X-Request-Id") if headers is not None else None,
         "endpoint": endpoint,
         # the request's text (completions) or messages (chat), for the A/B log's opt-in prompt logging
         "prompt": getattr(request, "prompt", None) if endpoint == "completions" else getattr(request, "messages", None),
-        "kn_steer": request_info(request),
-        "prompt_tokens": getattr(usage, "prompt_tokens", None) if usage is not None else None,
-        "completion_tokens": (
-            getattr(usage, "completion_tokens", None) if usage is not None else completion_tokens
-        ),
+        "kn_steer": info,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
         "latency_s": time.perf_counter() - started,
         "error": error,
         "status": status,
     })
 
 
-def _track_stream(gen: AsyncGenerator[str, None], request: Any, endpoint: str, started: float):
+def _track_stream(gen: AsyncGenerator[str, None], request: Any, endpoint: str, started: float, raw_request: Any):
     async def wrapped() -> AsyncGenerator[str, None]:
         usage = None
         pieces = 0
         error = False
+        response_id = None
         try:
             async for chunk in gen:
                 if chunk.startswith("data: {"):
@@ -120,6 +220,7 @@ def _track_stream(gen: AsyncGenerator[str, None], request: Any, endpoint: str, s
                         body = json.loads(chunk[len("data: "):])
                     except ValueError:
                         body = {}
+                    response_id = response_id or body.get("id")
                     if "error" in body:
                         error = True
                     if body.get("usage"):
@@ -131,91 +232,107 @@ def _track_stream(gen: AsyncGenerator[str, None], request: Any, endpoint: str, s
             error = True
             raise
         finally:
-            class _U:  # usage dict -> attribute access like the pydantic model
+            class _Usage:  # usage dict -> attribute access like the pydantic model
                 prompt_tokens = (usage or {}).get("prompt_tokens")
                 completion_tokens = (usage or {}).get("completion_tokens", pieces)
 
-            _record(request, endpoint, started, error=error, status=200, usage=_U)
+            _record(request, endpoint, started, error=error, status=200, raw_request=raw_request,
+                    usage=_Usage, response_id=response_id)
 
     return wrapped()
 
 
-def _wrap_create(endpoint: str):
+def _wrap_create(endpoint: str, prefix: str):
     def wrapper(orig):
-        async def create(self, request, *args, **kwargs):
-            if not hooks.request_listeners:
-                return await orig(self, request, *args, **kwargs)
+        async def create(self, request, raw_request=None, *args, **kwargs):
             started = time.perf_counter()
+            if raw_spec(request) is not None:
+                engine = getattr(getattr(self, "engine_client", None), "input_processor", None)
+                try:  # parse + compile in a thread: a large spec must not block the event loop
+                    await asyncio.to_thread(prepare, request, _response_id(prefix, request, raw_request),
+                                            getattr(engine, STATUS_ATTR, None))
+                except SteeringRequestError:
+                    metrics.REJECTED.inc()
+                    raise
             try:
-                result = await orig(self, request, *args, **kwargs)
+                result = await orig(self, request, raw_request, *args, **kwargs)
             except Exception as exc:
                 from vllm.exceptions import VLLMClientError
 
                 status = 400 if isinstance(exc, (VLLMClientError, ValueError, TypeError)) else 500
-                _record(request, endpoint, started, error=True, status=status)
+                _record(request, endpoint, started, error=True, status=status, raw_request=raw_request)
                 raise
             error = getattr(result, "error", None)
             if error is not None:
-                _record(request, endpoint, started, error=True, status=int(getattr(error, "code", 500) or 500))
+                _record(request, endpoint, started, error=True, status=int(getattr(error, "code", 500) or 500),
+                        raw_request=raw_request)
             elif hasattr(result, "__aiter__"):
-                return _track_stream(result, request, endpoint, started)
+                return _track_stream(result, request, endpoint, started, raw_request)
             else:
-                _record(request, endpoint, started, error=False, status=200, usage=getattr(result, "usage", None))
+                _record(request, endpoint, started, error=False, status=200, raw_request=raw_request,
+                        usage=getattr(result, "usage", None), response_id=getattr(result, "id", None))
             return result
 
-        return _mark(create)
+        return create
 
     return wrapper
 
 
-def patch_completion_serving(module: Any) -> None:
-    cls = module.OpenAIServingCompletion
-    _patch(cls, "request_output_to_completion_response", _wrap_to_response)
-    _patch(cls, "completion_stream_generator", _wrap_stream_generator)
-    _patch(cls, "create_completion", _wrap_create("completions"))
+def _response_id(prefix: str, request: Any, raw_request: Any) -> str:
+    """The id the client will see in the response (vLLM: prefix + X-Request-Id header or body id)."""
+    headers = getattr(raw_request, "headers", None)
+    base = headers.get("X-Request-Id") if headers is not None else None
+    return f"{prefix}{base if base is not None else getattr(request, 'request_id', '')}"
 
 
-def patch_chat_serving(module: Any) -> None:
-    cls = module.OpenAIServingChat
-    _patch(cls, "chat_completion_full_generator", _wrap_full_generator)
-    _patch(cls, "chat_completion_stream_generator", _wrap_stream_generator)
-    _patch(cls, "create_chat_completion", _wrap_create("chat"))
+wrap_create_completion = _wrap_create("completions", "cmpl-")
+wrap_create_chat = _wrap_create("chat", "chatcmpl-")
 
 
 # ----- routes ------------------------------------------------------------------------------------
 def install_routes(app: Any) -> None:
-    """Add kn-steer's routes and the A/B layer's (idempotent per app)."""
+    """Add kn-steer's routes, its middleware and the extensions' routes (idempotent per app)."""
     if getattr(app.state, "kn_steer_routes", False):
         return
     app.state.kn_steer_routes = True
 
+    from fastapi import Request
     from fastapi.responses import JSONResponse
 
     from kn_steer.serving.context import current_context
+    from kn_steer.serving.endpoints import SteeringGuard
 
     async def list_sets() -> JSONResponse:
         ctx = current_context()
         return JSONResponse({
             "object": "list",
-            "model": ctx.identity.model_dump(),
+            "enabled": ctx.enabled,
+            "reason": ctx.reason or None,
+            "model": ctx.identity.model_dump() if ctx.identity is not None else None,
             "folder": str(ctx.registry.folder) if ctx.registry.folder else None,
-            "max_neurons": ctx.max_neurons,
+            "limits": ctx.limits.describe(),
             "data": json.loads(json.dumps(ctx.registry.describe(), default=str)),
         })
 
+    async def status(request: Request) -> JSONResponse:
+        engine = request.app.state.engine_client
+        try:
+            workers = list(await engine.collective_rpc("kn_steer_status"))
+        except Exception as exc:  # noqa: BLE001
+            return JSONResponse(status_code=503, content={"error": str(_rpc_failed(exc))})
+        return JSONResponse({"object": "kn_steer.status", "engine": getattr(request.app.state, "kn_steer_engine", None),
+                             "workers": json.loads(json.dumps(workers, default=str))})
+
     app.add_api_route(SETS_ROUTE, list_sets, methods=["GET"], name="kn_steer_sets")
+    app.add_api_route(STATUS_ROUTE, status, methods=["GET"], name="kn_steer_status")
+    app.add_middleware(SteeringGuard)
     hooks.install_routes(app)
 
 
-def patch_app_module(module: Any) -> None:
-    """Wrap ``attach_endpoint_plugins`` in vLLM's app module (``build_app`` looks it up at call time)."""
-    current = getattr(module, "attach_endpoint_plugins", None)
-    if current is None or getattr(current, _PATCHED, False):
-        return
-
+def wrap_attach_endpoint_plugins(orig):
     def attach_endpoint_plugins(app, *args, **kwargs):
-        result = current(app, *args, **kwargs)
+        result = orig(app, *args, **kwargs)
         install_routes(app)
         return result
 
-    module.attach_endpoint_plugins = _mark(attach_endpoint_plugins)
+    return attach_endpoint_plugins

@@ -3,12 +3,15 @@
 The plugin calls these from the API-server process only (never in the engine core or workers):
 
 * ``experiment_resolver(spec, request_id) -> (resolved_spec, info)`` is called for a request whose
-  spec names an ``experiment``. It returns the spec of the drawn arm (interventions only, no
+  spec names an ``experiment``; ``request_id`` is the id the client will see in the response
+  (``cmpl-<X-Request-Id header or body request_id>``; offline: the engine request id). It returns the spec of the drawn arm (interventions only, no
   ``experiment``) and a JSON-able ``info`` dict (e.g. ``{"experiment": ..., "arm": ...}``) that is
   merged into the response's ``kn_steer`` object and into the request record. Raise
   :class:`kn_steer.errors.SpecError` for an unknown experiment: the client gets HTTP 400.
 * ``request_listeners``: each is called once per finished request (completed or failed) with a
-  record dict: ``request_id``, ``endpoint`` ("completions"/"chat"), ``kn_steer`` (the applied
+  record dict: ``request_id`` (the body's), ``response_id`` (the id the client sees, e.g.
+  ``cmpl-...``; None when the request failed before a response), ``header_request_id`` (the
+  ``X-Request-Id`` header, or None), ``endpoint`` ("completions"/"chat"), ``kn_steer`` (the applied
   info incl. ``experiment``/``arm`` when present, or None), ``prompt_tokens``,
   ``completion_tokens``, ``latency_s``, ``error`` (bool), ``status`` (HTTP status int),
   ``prompt`` (the request's prompt, or its chat messages; the A/B log keeps it only on opt-in).
@@ -16,8 +19,9 @@ The plugin calls these from the API-server process only (never in the engine cor
 * ``route_installers``: each is called with the FastAPI app when the API server builds it; add
   routes there (``app.get(...)``/``app.include_router``).
 
-``kn_steer.ab.install()`` (when the package exists) is called once by the plugin on the API-server
-side, before the app is built, so it can register itself here.
+Extensions are found through the entry-point group ``kn_steer.serving_extensions`` (the A/B layer
+is ``kn_steer.ab:install``) and called once in the API-server process, before the app is built,
+so they can register themselves here; serving never imports them by name.
 """
 
 from __future__ import annotations

@@ -36,8 +36,17 @@ def decode_mask(wire: Mapping[str, Any]) -> SparseMask:
 
 
 def encode(compiled: CompiledSteering) -> dict[str, Any]:
-    """What the workers need: the two masks (never the spec or the report)."""
-    return {"prompt": encode_mask(compiled.prompt), "generated": encode_mask(compiled.generated)}
+    """What the engine needs: the two masks and their keys (never the spec or the report). The
+    scheduler's admission control reads only the keys."""
+    return {"prompt": encode_mask(compiled.prompt), "generated": encode_mask(compiled.generated),
+            "keys": [m.key() if m.size else None for m in (compiled.prompt, compiled.generated)]}
+
+
+def mask_keys(wire: Mapping[str, Any] | None) -> frozenset[str]:
+    """The distinct non-identity mask keys of a request (empty: unsteered)."""
+    if not wire:
+        return frozenset()
+    return frozenset(k for k in wire.get("keys", ()) if k)
 
 
 def decode(wire: Mapping[str, Any]) -> CompiledSteering:

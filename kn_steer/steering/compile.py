@@ -24,9 +24,9 @@ import numpy as np
 from kn_steer.errors import SpecError
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import NeuronSet
+from kn_steer.steering.limits import RequestLimits
 from kn_steer.steering.masks import CompiledSteering, SparseMask
 from kn_steer.steering.spec import (
-    DEFAULT_MAX_NEURONS,
     POSITION_KINDS,
     Intervention,
     PositionKind,
@@ -76,6 +76,17 @@ def _targets(iv: Intervention, where: str, sets: Mapping[str, NeuronSet], shape:
         if bad_layer[k]:
             raise SpecError(f"{where}.neurons[{k}]: layer {layers[k]} out of range 0..{shape.num_layers - 1}")
         raise SpecError(f"{where}.neurons[{k}]: index {indices[k]} out of range 0..{shape.intermediate_size - 1}")
+    flat = layers * shape.intermediate_size + indices
+    uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
+    if uniq.size != flat.size:
+        dup = int(uniq[np.flatnonzero(counts > 1)[0]])
+        where_first = int(first[np.flatnonzero(counts > 1)[0]])
+        again = int(np.flatnonzero(flat == dup)[1])
+        raise SpecError(
+            f"{where}.neurons[{again}]: neuron [{dup // shape.intermediate_size}, {dup % shape.intermediate_size}] "
+            f"is listed twice (also at neurons[{where_first}]); list each neuron once per intervention "
+            "(several interventions on one neuron compose: scales multiply, the last clamp wins)"
+        )
     none = np.full(len(layers), math.nan)
     return layers, indices, none, none, None
 
@@ -93,9 +104,11 @@ def _per_neuron(given: float | None, own: np.ndarray, default: float | None, err
     return out
 
 
-def _fold(entries: list[tuple[np.ndarray, bool, np.ndarray]], width: int) -> SparseMask:
+def _fold(entries: list[tuple[np.ndarray, bool, np.ndarray]], width: int,
+          limits: RequestLimits, where: str) -> SparseMask:
     """Fold (flat neuron ids, is clamp, parameters) in request order: scales multiply, the last
-    clamp wins over everything; neurons left at exactly ``h * 1 + 0`` are dropped (free)."""
+    clamp wins over everything; neurons left at exactly ``h * 1 + 0`` are dropped (free). The
+    folded doses must be within ``limits`` (a product of scales can exceed each factor's limit)."""
     if not entries:
         return SparseMask.empty()
     flat = np.concatenate([e[0] for e in entries])
@@ -109,55 +122,90 @@ def _fold(entries: list[tuple[np.ndarray, bool, np.ndarray]], width: int) -> Spa
     clamped = last >= 0
     add = np.where(clamped, param[np.maximum(last, 0)], 0.0)
     mul = np.where(clamped, 0.0, mul)
+    too_big = np.flatnonzero(np.abs(mul) > limits.max_abs_factor)
+    if too_big.size:
+        k = int(too_big[0])
+        raise SpecError(
+            f"{where}: the interventions scale neuron [{int(uniq[k]) // width}, {int(uniq[k]) % width}] by "
+            f"{mul[k]:.6g} in all (scales multiply), beyond this server's limit |factor| <= "
+            f"{limits.max_abs_factor:g}"
+        )
     keep = clamped | (mul != 1.0)
     uniq = uniq[keep]
     return SparseMask((uniq // width).astype(np.int32), (uniq % width).astype(np.int32),
                       mul[keep].astype(np.float32), add[keep].astype(np.float32))
 
 
+def _dose(param: np.ndarray) -> float | dict[str, float] | None:
+    """The number a response reports: one value, or the range of per-neuron values."""
+    if param.size == 0:
+        return None
+    low, high = float(param.min()), float(param.max())
+    return low if low == high else {"min": low, "max": high}
+
+
+def _check_dose(param: np.ndarray, op: str, limits: RequestLimits, loc: str, iv: Intervention) -> None:
+    limit = limits.max_abs_factor if op == "scale" else limits.max_abs_value
+    name = "factor" if op == "scale" else "value"
+    bad = np.flatnonzero(np.abs(param) > limit)
+    if bad.size:
+        source = f"{loc}.{name}" if getattr(iv, name) is not None else f"{loc} (set {iv.set!r}'s {name})"
+        raise SpecError(f"{source}: {param[int(bad[0])]:.6g} is beyond this server's limit |{name}| <= {limit:g}")
+
+
 def compile_spec(
     spec: SteeringSpec | Mapping[str, Any] | str,
     sets: Mapping[str, NeuronSet],
     shape: ModelShape,
-    max_neurons: int = DEFAULT_MAX_NEURONS,
+    limits: RequestLimits | None = None,
     where: str = "kn_steer",
 ) -> CompiledSteering:
-    """Resolve names, check ranges and limits, and fold interventions into two sparse masks.
+    """Resolve names, check ranges, sizes and doses, and fold interventions into two sparse masks.
 
     Vectorized (numpy): a spec over every neuron of the model compiles in milliseconds.
     """
+    limits = limits or RequestLimits()
     spec = parse_spec(spec, where)
     if spec.experiment is not None:
         raise SpecError(f"{where}.experiment: experiments are resolved by the A/B layer, not here")
+    if len(spec.interventions) > limits.max_interventions:
+        raise SpecError(f"{where}.interventions: {len(spec.interventions)} interventions, more than this "
+                        f"server's limit of {limits.max_interventions}")
     width = shape.intermediate_size
     entries: dict[PositionKind, list[tuple[np.ndarray, bool, np.ndarray]]] = {k: [] for k in POSITION_KINDS}
     applied: list[dict[str, Any]] = []
-    total = 0
+    touched: list[np.ndarray] = []
     for n_iv, iv in enumerate(spec.interventions):
         loc = f"{where}.interventions[{n_iv}]"
         layers, indices, factors, values, ns = _targets(iv, loc, sets, shape)
         if iv.layers is not None:
             bad = [l for l in iv.layers if not 0 <= l < shape.num_layers]
             if bad:
-                raise SpecError(f"{loc}.layers: {bad} out of range 0..{shape.num_layers - 1}")
+                raise SpecError(f"{loc}.layers: {bad[:5]} out of range 0..{shape.num_layers - 1}")
             keep = np.isin(layers, iv.layers)
             layers, indices, factors, values = layers[keep], indices[keep], factors[keep], values[keep]
         op = iv.op or (ns.operation.op if ns is not None else None)
-        total += len(layers)
-        if total > max_neurons:
-            raise SpecError(f"{where}: {total} neurons requested, more than the maximum of {max_neurons}")
         if op == "scale":
             default = ns.operation.factor if ns is not None and ns.operation.op == "scale" else None
             param = _per_neuron(iv.factor, factors, default, f"{loc}.factor: op 'scale' on set {iv.set!r} needs a factor")
         else:
             default = ns.operation.value if ns is not None and ns.operation.op == "clamp" else None
             param = _per_neuron(iv.value, values, default, f"{loc}.value: op 'clamp' on set {iv.set!r} needs a value")
+        _check_dose(param, op, limits, loc, iv)
         flat = layers * width + indices
+        touched.append(flat)
+        if sum(t.size for t in touched) > limits.max_neurons:  # cheap bound first, exact count below
+            distinct = np.unique(np.concatenate(touched)).size
+            if distinct > limits.max_neurons:
+                raise SpecError(f"{where}: {distinct} distinct neurons requested, more than this server's "
+                                f"limit of {limits.max_neurons}")
         for kind in POSITION_KINDS if iv.positions == "all" else (iv.positions,):
             entries[kind].append((flat, op == "clamp", param))
         applied.append({
             "set": iv.set, "neurons": int(len(layers)), "op": op,
-            "factor": iv.factor if op == "scale" else None,
-            "value": iv.value if op == "clamp" else None, "positions": iv.positions,
+            "factor": _dose(param) if op == "scale" else None,
+            "value": _dose(param) if op == "clamp" else None,
+            "positions": iv.positions, **({"layers": iv.layers} if iv.layers is not None else {}),
         })
-    return CompiledSteering(_fold(entries["prompt"], width), _fold(entries["generated"], width), applied)
+    return CompiledSteering(_fold(entries["prompt"], width, limits, where),
+                            _fold(entries["generated"], width, limits, where), applied)

@@ -1,35 +1,62 @@
 """The ``kn_steer`` request field as a typed schema: what a client may ask for.
 
-Parsing only: names are resolved and masks built by :mod:`kn_steer.steering.compile`; the
-semantics (composition, positions) are documented there.
+Parsing only: names are resolved, doses checked and masks built by
+:mod:`kn_steer.steering.compile`; the semantics (composition, positions) are documented there.
+
+Types are strict: a factor is a JSON number (``true``, ``"2.0"`` are refused, not coerced), an
+index a JSON integer. Hard ceilings here (string lengths, list sizes, integer ranges) only keep a
+hostile request from costing much before the server's own, smaller limits
+(:class:`kn_steer.steering.limits.RequestLimits`) are applied. Any bad input is a
+:class:`~kn_steer.errors.SpecError` whose message names the field (``kn_steer.interventions[0].factor``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from kn_steer.errors import SpecError
 
 PositionKind = Literal["prompt", "generated"]
 POSITION_KINDS: tuple[PositionKind, ...] = ("prompt", "generated")
-DEFAULT_MAX_NEURONS = 200_000
+
+# Ceilings of the schema itself (the served limits are lower; see limits.py).
+MAX_NAME_CHARS = 200
+MAX_UNIT_CHARS = 256
+SCHEMA_MAX_INTERVENTIONS = 4096
+SCHEMA_MAX_PAIRS = 1_000_000
+_INDEX_LIMIT = 2**31  # layer and neuron indices fit an int32
+
+Index = Annotated[int, Strict(), Field(ge=0, lt=_INDEX_LIMIT)]
+Number = Annotated[float, Strict()]
+Name = Annotated[str, Strict(), Field(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
 class Intervention(BaseModel):
-    """One intervention: a named set or explicit ``[layer, index]`` pairs, and an operation."""
+    """One intervention: a named set or explicit ``[layer, index]`` pairs, and an operation.
+
+    A neuron may appear once per intervention (listing it twice is an error, not a compounded
+    dose); several interventions on one neuron compose by the rules of
+    :mod:`kn_steer.steering.compile`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    set: str | None = None
-    neurons: list[tuple[int, int]] | None = None
+    set: Name | None = None
+    neurons: Annotated[list[tuple[Index, Index]], Field(max_length=SCHEMA_MAX_PAIRS)] | None = None
     op: Literal["scale", "clamp"] | None = None
-    factor: float | None = None
-    value: float | None = None
-    layers: list[int] | None = None
+    factor: Number | None = None
+    value: Number | None = None
+    layers: Annotated[list[Index], Field(max_length=4096)] | None = None
     positions: Literal["all", "prompt", "generated"] = "all"
 
     @model_validator(mode="after")
@@ -51,6 +78,8 @@ class Intervention(BaseModel):
             raise ValueError("op 'scale' takes 'factor', not 'value'")
         if self.op == "clamp" and self.factor is not None:
             raise ValueError("op 'clamp' takes 'value', not 'factor'")
+        if self.op is None and (self.factor is not None or self.value is not None):
+            raise ValueError("'factor'/'value' need an 'op' ('scale' or 'clamp')")
         return self
 
 
@@ -59,9 +88,10 @@ class SteeringSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    interventions: list[Intervention] = Field(default_factory=list)
-    experiment: str | None = None
-    unit: str | None = None
+    interventions: Annotated[list[Intervention], Field(max_length=SCHEMA_MAX_INTERVENTIONS)] = Field(
+        default_factory=list)
+    experiment: Name | None = None
+    unit: Annotated[str, Strict(), Field(max_length=MAX_UNIT_CHARS)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "SteeringSpec":
@@ -72,22 +102,27 @@ class SteeringSpec(BaseModel):
         return self
 
 
+def field_path(where: str, loc: tuple[Any, ...]) -> str:
+    """``kn_steer.interventions[0].factor`` from a pydantic error location."""
+    return where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+
+
 def parse_spec(raw: Any, where: str = "kn_steer") -> SteeringSpec:
     """Parse a spec from a dict, a model or a JSON string; errors name the offending field."""
     if isinstance(raw, SteeringSpec):
         return raw
-    if isinstance(raw, (str, bytes)):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{where}: not valid JSON ({exc.msg} at position {exc.pos})") from exc
-    if not isinstance(raw, Mapping):
-        raise SpecError(f"{where}: expected an object, got {type(raw).__name__}")
     try:
+        if isinstance(raw, (str, bytes, bytearray)):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise SpecError(f"{where}: not valid JSON ({exc.msg} at position {exc.pos})") from exc
+        if not isinstance(raw, Mapping):
+            raise SpecError(f"{where}: expected an object, got {type(raw).__name__}")
         return SteeringSpec.model_validate(raw)
+    except RecursionError:
+        raise SpecError(f"{where}: nested too deeply to be a kn_steer spec") from None
     except ValidationError as exc:
-        def path(loc: tuple) -> str:  # kn_steer.interventions[0].factor, like compile_spec's errors
-            return where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-
-        problems = "; ".join(f"{path(err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise SpecError(problems) from exc
+        problems = "; ".join(f"{field_path(where, err['loc'])}: {err['msg']}" for err in exc.errors()[:5])
+        more = len(exc.errors()) - 5
+        raise SpecError(problems + (f" (and {more} more problems)" if more > 0 else "")) from None

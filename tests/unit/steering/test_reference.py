@@ -20,6 +20,7 @@ from kn_steer.models.sites import neuron_modules
 from kn_steer.serving import wire
 from kn_steer.sets.format import MethodInfo, ModelIdentity, Neuron, NeuronSet, Operation
 from kn_steer.steering.compile import compile_spec
+from kn_steer.steering.limits import RequestLimits
 from kn_steer.steering.masks import CompiledSteering, SparseMask, dense_mask
 from kn_steer.steering.reference import steer
 
@@ -285,6 +286,6 @@ def test_compile_errors_name_the_field(raw, field: str) -> None:
 def test_too_many_neurons() -> None:
     raw = {"interventions": [_iv("scale", [(0, i) for i in range(10)], factor=2.0),
                              _iv("clamp", [(1, i) for i in range(10)], value=0.0)]}
-    assert compile_spec(raw, {}, SHAPE, max_neurons=20).prompt.size == 20
-    with pytest.raises(SpecError, match="20 neurons requested, more than the maximum of 19"):
-        compile_spec(raw, {}, SHAPE, max_neurons=19)
+    assert compile_spec(raw, {}, SHAPE, RequestLimits(max_neurons=20)).prompt.size == 20
+    with pytest.raises(SpecError, match="20 distinct neurons requested, more than this server.s limit of 19"):
+        compile_spec(raw, {}, SHAPE, RequestLimits(max_neurons=19))

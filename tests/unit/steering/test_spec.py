@@ -75,7 +75,7 @@ def test_vectorized_fold_matches_the_rule_on_random_specs() -> None:
                 if rng.random() < 0.3:
                     iv["layers"] = rng.sample(range(SHAPE.num_layers), 2)
             else:
-                iv["neurons"] = [pick() for _ in range(rng.randint(1, 6))]  # duplicates happen
+                iv["neurons"] = [list(p) for p in dict.fromkeys(tuple(pick()) for _ in range(rng.randint(1, 6)))]
                 iv["op"] = rng.choice(["scale", "clamp"])
                 if iv["op"] == "scale":
                     iv["factor"] = rng.choice([0.0, 0.5, 1.0, 2.0, -3.0])

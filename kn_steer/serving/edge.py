@@ -1,24 +1,25 @@
-"""Front end: validate and compile ``kn_steer`` specs before anything reaches the engine.
+"""The API edge: validate and compile ``kn_steer`` before anything reaches the engine.
 
-Two entry points, both patched on the class:
+Two entry points, both patched on the class (see :mod:`kn_steer.serving.vllm_contract`):
 
 * ``CompletionRequest/ChatCompletionRequest.to_sampling_params`` (API server): reads the top-level
   ``kn_steer`` field or ``vllm_xargs["kn_steer"]`` (a JSON string), resolves A/B experiments,
   compiles (so a bad spec is an HTTP 400 even for streaming requests) and leaves the resolved spec
-  in ``extra_args["kn_steer"]``.
-* ``InputProcessor.process_inputs`` (API server and offline ``vllm.LLM``): compiles
-  ``extra_args["kn_steer"]`` (a dict or JSON string; a cache hit when the API edge did it),
-  drops any client-supplied internal key, puts the compiled masks under
-  ``extra_args["kn_steer_compiled"]`` and salts the prefix cache with the spec's hash so KV blocks
-  computed under one spec are never reused by another.
+  in ``extra_args["kn_steer"]``. The HTTP handlers run this in a worker thread first
+  (:func:`prepare`), so a large spec never blocks the event loop.
+* ``InputProcessor.process_inputs`` (every Python front end, offline ``vllm.LLM`` too): compiles
+  ``extra_args["kn_steer"]`` (a cache hit when the API edge did it), drops any client-supplied
+  internal key, refuses to steer on an engine whose workers have not passed their self-check,
+  puts the compiled masks under ``extra_args["kn_steer_compiled"]`` (:mod:`.wire`) and salts the
+  prefix cache with the masks' hash so KV blocks computed under one spec are never reused by another.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 import uuid
 from collections import OrderedDict
-from threading import Lock
 from typing import Any
 
 from vllm.exceptions import VLLMValidationError
@@ -32,7 +33,7 @@ from kn_steer.steering.masks import CompiledSteering
 from kn_steer.steering.spec import SteeringSpec, parse_spec
 
 INFO_ATTR = "_kn_steer_info"  # kept in the request's pydantic extras, for the response
-_PATCHED = "_kn_steer_patched"
+STATUS_ATTR = "_kn_steer_engine"  # set on an InputProcessor once its engine's workers passed the self-check
 
 
 class SteeringRequestError(VLLMValidationError, SpecError):
@@ -45,57 +46,71 @@ class SteeringRequestError(VLLMValidationError, SpecError):
         return self.args[0] if self.args else ""
 
 
-class _CompileCache:
-    """Compiled specs by canonical JSON: a repeated spec costs one dict lookup."""
+class CompileCache:
+    """Compiled specs by canonical JSON, bounded by the bytes of their masks (LRU)."""
 
-    def __init__(self, size: int = 1024):
-        self._items: OrderedDict[tuple[int, str], CompiledSteering] = OrderedDict()
-        self._size = size
-        self._lock = Lock()
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[int, str], tuple[CompiledSteering, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(compiled: CompiledSteering, key: str) -> int:
+        return 16 * (compiled.prompt.size + compiled.generated.size) + len(key) + 512
 
     def get(self, ctx: ServingContext, spec: SteeringSpec) -> CompiledSteering:
-        # pydantic's own JSON: fields in declaration order, so equal specs give equal keys
-        # (15x faster than json.dumps of model_dump at 46k neurons)
         key = (id(ctx), spec.model_dump_json(exclude_none=True))
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
-                return hit
-        compiled = compile_spec(spec, ctx.registry, ctx.shape, ctx.max_neurons)
+                return hit[0]
+        compiled = compile_spec(spec, ctx.registry, ctx.shape, ctx.limits)
+        size = self._size(compiled, key[1])
+        if size > self.max_bytes // 4:  # one spec never evicts most of the cache
+            return compiled
         with self._lock:
-            self._items[key] = compiled
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            if key not in self._items:
+                self._items[key] = (compiled, size)
+                self.bytes += size
+            while self.bytes > self.max_bytes and self._items:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
         return compiled
 
 
-_cache = _CompileCache()
+_caches: dict[int, CompileCache] = {}
 
 
-def resolve(
-    ctx: ServingContext, raw: Any, request_id: str | None
-) -> tuple[SteeringSpec, CompiledSteering, dict[str, Any]]:
+def _cache(ctx: ServingContext) -> CompileCache:
+    cache = _caches.get(id(ctx))
+    if cache is None:
+        cache = _caches[id(ctx)] = CompileCache(ctx.settings.compile_cache_bytes)
+    return cache
+
+
+def resolve(ctx: ServingContext, raw: Any, request_id: str | None) -> tuple[SteeringSpec, CompiledSteering, dict[str, Any]]:
     """(resolved spec, compiled masks, response info); any problem is a SteeringRequestError."""
+    if not ctx.enabled:
+        raise SteeringRequestError(f"kn_steer: steering is not available for this model: {ctx.reason}")
     try:
         spec = parse_spec(raw)
         extra: dict[str, Any] = {}
         if spec.experiment is not None:
             resolver = hooks.experiment_resolver
             if resolver is None:
-                raise SpecError(
-                    "kn_steer.experiment: A/B experiments are not available on this server "
-                    "(the kn_steer.ab layer is not installed)"
-                )
+                raise SpecError("kn_steer.experiment: A/B experiments are not available on this server "
+                                "(the kn_steer.ab layer is not installed)")
             spec, extra = resolver(spec, request_id or uuid.uuid4().hex)
             spec = parse_spec(spec)
             if spec.experiment is not None:
                 raise SpecError("kn_steer.experiment: the experiment resolver returned another experiment")
-        compiled = _cache.get(ctx, spec)
+        compiled = _cache(ctx).get(ctx, spec)
     except SteeringRequestError:
         raise
     except KnSteerError as exc:
-        raise SteeringRequestError(str(exc)) from exc
+        raise SteeringRequestError(str(exc)) from None
     info = {
         "applied": compiled.applied,
         "neurons": {"prompt": compiled.prompt.size, "generated": compiled.generated.size},
@@ -105,7 +120,18 @@ def resolve(
 
 
 # ----- InputProcessor.process_inputs -------------------------------------------------------------
-def _wrap_process_inputs(orig):
+def _engine_verified(processor: Any) -> dict[str, Any]:
+    status = getattr(processor, STATUS_ATTR, None)
+    if status is None:
+        raise SteeringRequestError(
+            "kn_steer: this engine's workers have not been verified (their start-up self-check is asked "
+            "for automatically by `vllm serve`, `kn-steer serve` and `vllm.LLM`; for an engine you built "
+            "yourself call `await kn_steer.serving.verify_engine(engine)` first)"
+        )
+    return status
+
+
+def wrap_process_inputs(orig):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         from vllm.sampling_params import SamplingParams
 
@@ -116,12 +142,14 @@ def _wrap_process_inputs(orig):
         if extra.get(RAW_KEY) is not None:
             model_config = self.vllm_config.model_config
             try:
-                ctx = load_context(model_config.model, model_config.hf_config)
+                ctx = load_context(model_config.model, model_config.hf_config, model_config.dtype)
             except KnSteerError as exc:
-                raise SteeringRequestError(str(exc)) from exc
-            spec, compiled, _ = resolve(ctx, extra[RAW_KEY], request_id)
+                raise SteeringRequestError(str(exc)) from None
+            _, compiled, _ = resolve(ctx, extra[RAW_KEY], request_id)
             if getattr(params, "use_beam_search", False):
                 raise SteeringRequestError("kn_steer cannot be combined with beam search")
+            if not compiled.is_identity:
+                _engine_verified(self)
         # vLLM deep-copies offline SamplingParams; hand it a shallow copy without the (possibly
         # 46k-neuron) spec so that copy stays cheap. The caller's params object is not modified.
         light = copy.copy(params)
@@ -137,7 +165,6 @@ def _wrap_process_inputs(orig):
         sp.extra_args = new_extra or None
         return request
 
-    setattr(process_inputs, _PATCHED, True)
     return process_inputs
 
 
@@ -152,62 +179,52 @@ def raw_spec(request: Any) -> Any:
 
 
 def request_info(request: Any) -> dict[str, Any] | None:
-    """What was applied to this API request (set by ``to_sampling_params``), for the response."""
+    """What was applied to this API request (set by :func:`prepare`), for the response."""
     extras = getattr(request, "__pydantic_extra__", None) or {}
     cached = extras.get(INFO_ATTR)
     return cached[1] if cached else None
 
 
-def _wrap_to_sampling_params(orig):
+def prepare(request: Any, response_id: str | None = None, engine: dict[str, Any] | None = None) -> None:
+    """Resolve and compile a request's spec once (the HTTP handler runs this off the event loop).
+
+    ``response_id``: the id the client will see (A/B records are keyed by it); ``engine``: the
+    verified engine's summary, reported in the response."""
+    raw = raw_spec(request)
+    extras = request.__pydantic_extra__
+    if raw is None or extras is None or extras.get(INFO_ATTR) is not None:
+        if raw is None and WIRE_KEY in (getattr(request, "vllm_xargs", None) or {}):
+            raise SteeringRequestError(f"vllm_xargs.{WIRE_KEY} is internal to kn-steer")
+        return
+    try:
+        ctx = current_context()
+    except KnSteerError as exc:
+        raise SteeringRequestError(str(exc)) from None
+    spec, compiled, info = resolve(ctx, raw, response_id or getattr(request, "request_id", None))
+    if engine is not None and not compiled.is_identity:
+        info["engine"] = {"self_check": engine.get("self_check"), "workers": engine.get("workers")}
+    extras[INFO_ATTR] = (spec.model_dump(mode="json", exclude_none=True), info)
+
+
+def wrap_to_sampling_params(orig):
     def to_sampling_params(self, *args, **kwargs):
-        raw = raw_spec(self)
-        if raw is None:
-            if getattr(self, "vllm_xargs", None) and WIRE_KEY in self.vllm_xargs:
-                raise SteeringRequestError(f"vllm_xargs.{WIRE_KEY} is internal to kn-steer")
-            return orig(self, *args, **kwargs)
-        extras = self.__pydantic_extra__
-        cached = extras.get(INFO_ATTR) if extras is not None else None
-        if cached is None:  # once per request, even when it has several prompts
-            try:
-                ctx = current_context()
-            except KnSteerError as exc:
-                raise SteeringRequestError(str(exc)) from exc
-            spec, _, info = resolve(ctx, raw, getattr(self, "request_id", None))
-            cached = (spec.model_dump(mode="json", exclude_none=True), info)
-            if extras is not None:
-                extras[INFO_ATTR] = cached
+        prepare(self)
+        extras = self.__pydantic_extra__ or {}
+        cached = extras.get(INFO_ATTR)
         params = orig(self, *args, **kwargs)
-        extra = {k: v for k, v in (params.extra_args or {}).items() if k != WIRE_KEY}
-        extra[RAW_KEY] = cached[0]
-        params.extra_args = extra
+        extra = {k: v for k, v in (params.extra_args or {}).items() if k not in (WIRE_KEY, RAW_KEY)}
+        if cached is not None:
+            extra[RAW_KEY] = cached[0]
+        params.extra_args = extra or None
         return params
 
-    setattr(to_sampling_params, _PATCHED, True)
     return to_sampling_params
 
 
-def _wrap_to_beam_search_params(orig):
+def wrap_to_beam_search_params(orig):
     def to_beam_search_params(self, *args, **kwargs):
         if raw_spec(self) is not None:
             raise SteeringRequestError("kn_steer cannot be combined with beam search (use_beam_search)")
         return orig(self, *args, **kwargs)
 
-    setattr(to_beam_search_params, _PATCHED, True)
     return to_beam_search_params
-
-
-def _patch(cls: type, name: str, wrapper) -> None:
-    current = getattr(cls, name, None)
-    if current is None or getattr(current, _PATCHED, False):
-        return
-    setattr(cls, name, wrapper(current))
-
-
-def patch_input_processor(module: Any) -> None:
-    _patch(module.InputProcessor, "process_inputs", _wrap_process_inputs)
-
-
-def patch_protocol(module: Any, class_name: str) -> None:
-    cls = getattr(module, class_name)
-    _patch(cls, "to_sampling_params", _wrap_to_sampling_params)
-    _patch(cls, "to_beam_search_params", _wrap_to_beam_search_params)

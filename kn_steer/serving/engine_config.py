@@ -1,0 +1,141 @@
+"""Start-up: every vLLM configuration either steers correctly or refuses, with the cause and the fix.
+
+``EngineArgs.create_engine_config`` is wrapped in the process that builds the engine config (the
+API server, or the script creating ``vllm.LLM``). After vLLM has built the config:
+
+1. the served model is validated and its neuron sets loaded (:mod:`.context`); a model kn-steer
+   cannot steer serves normally with steering disabled;
+2. for a steerable model, every setting the plugin cannot honour is refused (:func:`problems`);
+3. the mask bank is sized (:func:`bank_slots`) and everything the other processes need is written
+   to ``additional_config["kn_steer"]``, which is part of vLLM's compile-cache hash, so graphs
+   traced without the masks are never reused;
+4. the serving extensions (A/B) are loaded.
+
+The runner choice happens earlier, in :func:`select_runner` (called by the plugin's entry point in
+every process, before any config exists): kn-steer serves through vLLM's V1 model runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+from kn_steer.errors import KnSteerError
+from kn_steer.serving.settings import load_settings
+from kn_steer.serving.wire import WIRE_VERSION
+
+logger = logging.getLogger("kn_steer.serving")
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+FIX = "set KN_STEER_DISABLE=1 to serve this configuration without steering"
+
+
+class ConfigurationRefused(KnSteerError):
+    """A vLLM configuration kn-steer cannot steer correctly."""
+
+
+def select_runner() -> None:
+    """Choose vLLM's V1 model runner unless the operator chose one (vLLM reads the variable lazily,
+    so this is early enough in every process; children inherit it)."""
+    if os.environ.get(RUNNER_ENV) is None:
+        os.environ[RUNNER_ENV] = "0"
+        logger.info("kn-steer: selecting vLLM's V1 model runner (%s=0); kn-steer steers through it", RUNNER_ENV)
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
+
+
+def problems(config: Any) -> list[str]:
+    """Every setting of ``config`` kn-steer cannot honour, each with its cause and fix."""
+    found: list[str] = []
+    par = config.parallel_config
+    if config.use_v2_model_runner:
+        why = (f"{RUNNER_ENV}={os.environ.get(RUNNER_ENV)}" if os.environ.get(RUNNER_ENV) is not None
+               else "a feature that requires it (watermarking, HiSparse)")
+        found.append(f"vLLM chose its V2 model runner ({why}); kn-steer steers through the V1 runner only "
+                     f"(the V2 integration is designed but unproven): unset {RUNNER_ENV} and remove that feature")
+    if getattr(par, "use_ubatching", False):
+        found.append("dual-batch overlap / micro-batching (--enable-dbo, --ubatch-size) runs the layers on "
+                     "slices of the batch, so the per-token mask map would be misread: remove those flags")
+    if _truthy("VLLM_USE_RUST_FRONTEND"):
+        found.append("the Rust front end (VLLM_USE_RUST_FRONTEND=1) bypasses the Python API edge where "
+                     "kn_steer is validated and compiled: unset it")
+    if config.speculative_config is not None:
+        found.append("speculative decoding (--speculative-config) is not proven with kn-steer yet: remove it")
+    if getattr(config, "lora_config", None) is not None:
+        found.append("LoRA (--enable-lora) is not proven with kn-steer yet: remove it")
+    if getattr(config, "kv_transfer_config", None) is not None:
+        found.append("KV transfer (disaggregated prefill) would reuse KV computed by instances that may not "
+                     "steer identically: remove --kv-transfer-config")
+    if getattr(par, "prefill_context_parallel_size", 1) > 1 or getattr(par, "decode_context_parallel_size", 1) > 1:
+        found.append("context parallelism re-partitions tokens across ranks: remove it")
+    if par.pipeline_parallel_size > 1:
+        found.append("pipeline parallelism is not proven with kn-steer yet: use tensor parallelism")
+    if par.data_parallel_size > 1:
+        found.append("data parallelism is not proven with kn-steer yet: run one server per replica")
+    return found
+
+
+def bank_slots(config: Any, num_layers: int, intermediate: int, dtype_bytes: int) -> tuple[int, bool]:
+    """(slots per worker, whether admission control is needed).
+
+    The worst case, every running request with two distinct masks, needs ``2 * max_num_seqs + 1``
+    slots; a bank that size for Llama-3.1-8B at vLLM's GPU default of 1024 sequences would take
+    3.5 GiB from the KV cache. So the bank gets a memory budget (``KN_STEER_BANK_MIB``, 256 MiB),
+    and when it holds fewer slots than the worst case, the scheduler admits no more distinct masks
+    than there are slots (:mod:`kn_steer.serving.admission`), as it does for ``max_loras``."""
+    settings = load_settings()
+    par = config.parallel_config
+    needed = 2 * int(config.scheduler_config.max_num_seqs) + 1
+    if settings.slots is not None:
+        return settings.slots, settings.slots < needed
+    local_layers = math.ceil(num_layers / max(1, par.pipeline_parallel_size))
+    local_size = math.ceil(intermediate / max(1, par.tensor_parallel_size))
+    per_slot = local_layers * local_size * 2 * dtype_bytes
+    slots = max(3, min(needed, settings.bank_bytes // per_slot))
+    return slots, slots < needed
+
+
+def _mark(engine_args: Any) -> dict[str, Any]:
+    extra = engine_args.additional_config if isinstance(engine_args.additional_config, dict) else {}
+    engine_args.additional_config = {**extra, "kn_steer": {"version": WIRE_VERSION}}
+    return engine_args.additional_config["kn_steer"]
+
+
+def wrap_create_engine_config(orig):
+    def create_engine_config(self, *args, **kwargs):
+        mark = _mark(self)
+        try:
+            config = orig(self, *args, **kwargs)
+        except ValueError as exc:
+            if "Model Runner V1 does not support" in str(exc):
+                raise ConfigurationRefused(
+                    f"kn-steer selected vLLM's V1 model runner (it steers through it), and vLLM says: {exc}. "
+                    f"Remove that feature, or {FIX}"
+                ) from exc
+            raise
+        from kn_steer.serving.context import load_context
+
+        model_config = config.model_config
+        ctx = load_context(model_config.model, model_config.hf_config, model_config.dtype)
+        entry = {**mark, "enabled": ctx.enabled, "reason": ctx.reason, "runner": "v1"}
+        if ctx.enabled:
+            found = problems(config)
+            if found:
+                raise ConfigurationRefused("kn-steer cannot steer this vLLM configuration:\n  - "
+                                           + "\n  - ".join(found) + f"\n(or {FIX})")
+            dtype_bytes = int(getattr(model_config.dtype, "itemsize", 4))
+            slots, admission = bank_slots(config, ctx.shape.num_layers, ctx.shape.intermediate_size, dtype_bytes)
+            entry.update(slots=slots, admission=admission, guard=ctx.limits.max_abs_value)
+            if admission:
+                logger.info("kn-steer: %d mask slots per worker (budget KN_STEER_BANK_MIB); the scheduler admits "
+                            "at most %d distinct masks at once", slots, slots - 1)
+        config.additional_config["kn_steer"] = entry
+        from kn_steer.serving.plugin import install_extensions
+
+        install_extensions()
+        return config
+
+    return create_engine_config

@@ -1,0 +1,107 @@
+"""The start-up proof that masks work: run in every worker after compilation and graph capture.
+
+A plugin that hooks the wrong module, whose hook was removed or replaced by someone else, or whose
+hook never made it into the compiled graph would steer nothing while reporting success. So before
+the server answers, each worker
+
+1. checks that its hook is still registered on the module that now sits at every steerable layer's
+   site (a module swapped after install, e.g. by another plugin, fails here), and
+2. pushes a few dummy tokens through the real forward (vLLM's own ``_dummy_run``: the compiled
+   graph, or the captured CUDA graph of that size) once with every token reading the identity slot
+   and then, layer by layer, with every token reading a scratch slot that clamps all of that
+   layer's neurons; each layer's probe must change the output.
+
+Any failure raises and the engine does not start. The result is kept for ``kn_steer_status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from kn_steer.errors import KnSteerError
+from kn_steer.models.families import adapter_for_config
+from kn_steer.models.sites import site_modules
+from kn_steer.serving.patching import require
+from kn_steer.serving.worker_state import WorkerSteering
+
+logger = logging.getLogger("kn_steer.serving")
+PROBE_VALUE = 1.0
+PROBE_SLOT = 1
+
+
+class SelfCheckFailed(KnSteerError):
+    """The worker cannot prove its masks reach the forward pass."""
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    hidden = out[0] if isinstance(out, tuple) else out
+    if isinstance(hidden, torch.Tensor):
+        return hidden.detach().clone()
+    tensors = getattr(hidden, "tensors", None)  # pipeline stages hand on IntermediateTensors
+    if isinstance(tensors, dict):
+        return torch.cat([t.detach().reshape(-1).float() for t in tensors.values()])
+    raise SelfCheckFailed(f"kn-steer self-check: cannot read the dummy forward's output ({type(hidden).__name__})")
+
+
+def check_hooks(runner: Any, state: WorkerSteering) -> None:
+    """Every steerable layer's site module is the one we hooked, and the hook is still on it."""
+    family = adapter_for_config(runner.model_config.hf_config, serving=True)
+    modules = site_modules(runner.get_model(), family=family, missing_ok=True)
+    if sorted(modules) != list(state.op.layers):
+        raise SelfCheckFailed(f"kn-steer self-check: the model's steerable layers changed after install "
+                              f"(hooked {list(state.op.layers)}, now {sorted(modules)})")
+    for layer, module in modules.items():
+        hooked, hook, _handle = state.hooks[layer]
+        if module is not hooked:
+            raise SelfCheckFailed(f"kn-steer self-check: layer {layer}'s {family.out_proj} was replaced after "
+                                  "kn-steer hooked it (another plugin or wrapper?): refusing to serve")
+        if not any(h is hook for h in module._forward_pre_hooks.values()):
+            raise SelfCheckFailed(f"kn-steer self-check: the kn-steer hook on layer {layer}'s {family.out_proj} "
+                                  "was removed behind its back: refusing to serve")
+
+
+def run_self_check(runner: Any, state: WorkerSteering) -> dict[str, Any]:
+    """Both checks; raises :class:`SelfCheckFailed`, else records and returns the result."""
+    started = time.perf_counter()
+    require(runner, ("_dummy_run", "get_model", "model_config"), "the V1 model runner")
+    check_hooks(runner, state)
+    if state.active_requests:
+        raise SelfCheckFailed("kn-steer self-check must run before any request is live")
+    tokens = int(min(8, runner.vllm_config.scheduler_config.max_num_batched_tokens))
+
+    def forward(slot: int) -> torch.Tensor:
+        state.point_all_at(slot, tokens)
+        with torch.inference_mode():
+            return _hidden(runner._dummy_run(tokens, force_attention=True))
+
+    try:
+        base = forward(0)
+        again = forward(0)
+        if not torch.equal(base, again):
+            raise SelfCheckFailed("kn-steer self-check: two identical dummy forwards differ; cannot prove anything")
+        dead = []
+        for layer in state.op.layers:
+            state.op.fill(PROBE_SLOT, layer, PROBE_VALUE)
+            try:
+                if torch.equal(forward(PROBE_SLOT), base):
+                    dead.append(layer)
+            finally:
+                state.op.reset_slot(PROBE_SLOT)
+    finally:
+        state.point_all_at(0, 0)
+    if dead:
+        raise SelfCheckFailed(
+            f"kn-steer self-check: clamping the neurons of layer(s) {dead} changed nothing in the real forward "
+            "pass (the hook is not in the compiled/captured graph, or its tensors are not the ones read): "
+            "refusing to serve"
+        )
+    result = {"passed": True, "layers": len(state.op.layers), "tokens": tokens,
+              "seconds": round(time.perf_counter() - started, 3)}
+    state.self_check = result
+    logger.info("kn-steer: self-check passed (%d layers probed through the real forward in %.2f s)",
+                result["layers"], result["seconds"])
+    return result

@@ -1,0 +1,100 @@
+"""The plugin's settings, read from the environment in every vLLM process.
+
+They travel as environment variables because vLLM spawns the engine core and workers as separate
+processes that inherit the environment; ``kn-steer serve`` sets them from its flags. A bad value
+stops start-up with a message naming the variable.
+
+| variable | meaning | default |
+| --- | --- | --- |
+| ``KN_STEER_NEURON_SETS`` | neuron-set folder | the project's ``neuron_sets/`` |
+| ``KN_STEER_MAX_NEURONS`` | distinct neurons one request may touch | 200000 |
+| ``KN_STEER_MAX_INTERVENTIONS`` | interventions in one request | 64 |
+| ``KN_STEER_MAX_ABS_FACTOR`` | largest \\|scale factor\\| after composition | 100 (float16: 10) |
+| ``KN_STEER_MAX_ABS_VALUE`` | largest \\|clamp value\\| | 1e4 (float16: 1e3) |
+| ``KN_STEER_MAX_SPEC_BYTES`` | largest body of a request that carries ``kn_steer`` | 4 MiB |
+| ``KN_STEER_COMPILE_CACHE_MIB`` | memory for compiled specs in the API server | 256 |
+| ``KN_STEER_BANK_MIB`` | memory for mask slots per worker | 256 |
+| ``KN_STEER_SLOTS`` | mask slots per worker (overrides the budget) | from the budget |
+| ``KN_STEER_DISABLE=1`` | leave vLLM untouched | off |
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from kn_steer.errors import KnSteerError
+from kn_steer.sets.registry import ENV_VAR as SETS_ENV
+from kn_steer.sets.registry import default_sets_dir
+from kn_steer.steering.limits import (
+    DEFAULT_MAX_INTERVENTIONS,
+    DEFAULT_MAX_NEURONS,
+    RequestLimits,
+)
+
+ENV_DISABLE = "KN_STEER_DISABLE"
+_MAX_DOSE_SETTING = 1e30  # a float32 product of such a dose and an activation stays finite
+
+
+class ServingSettings(BaseModel):
+    """Everything the plugin reads from the environment, validated once."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sets_dir: Path
+    sets_dir_explicit: bool
+    max_neurons: int = DEFAULT_MAX_NEURONS
+    max_interventions: int = DEFAULT_MAX_INTERVENTIONS
+    max_abs_factor: float | None = None  # None: the served dtype's default
+    max_abs_value: float | None = None
+    max_spec_bytes: int = 4 << 20
+    compile_cache_bytes: int = 256 << 20
+    bank_bytes: int = 256 << 20
+    slots: int | None = None
+
+    def limits(self, dtype: str | None) -> RequestLimits:
+        return RequestLimits.for_dtype(
+            dtype, max_neurons=self.max_neurons, max_interventions=self.max_interventions,
+            max_abs_factor=self.max_abs_factor, max_abs_value=self.max_abs_value,
+        )
+
+
+def disabled() -> bool:
+    return os.environ.get(ENV_DISABLE, "").strip().lower() in {"1", "true", "yes"}
+
+
+def _number(name: str, kind: type, minimum: float, maximum: float = math.inf) -> float | int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise KnSteerError(f"${name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise KnSteerError(f"${name} must be between {minimum:g} and {maximum:g}, got {raw!r}")
+    return value
+
+
+def load_settings() -> ServingSettings:
+    """The settings of this process (cheap: call it where needed)."""
+    fields: dict = {}
+    for field, name, kind, low, high in (
+        ("max_neurons", "KN_STEER_MAX_NEURONS", int, 1, 10**9),
+        ("max_interventions", "KN_STEER_MAX_INTERVENTIONS", int, 1, 4096),
+        ("max_abs_factor", "KN_STEER_MAX_ABS_FACTOR", float, 0.0, _MAX_DOSE_SETTING),
+        ("max_abs_value", "KN_STEER_MAX_ABS_VALUE", float, 0.0, _MAX_DOSE_SETTING),
+        ("max_spec_bytes", "KN_STEER_MAX_SPEC_BYTES", int, 1024, 1 << 30),
+        ("slots", "KN_STEER_SLOTS", int, 3, 1 << 20),
+    ):
+        value = _number(name, kind, low, high)
+        if value is not None:
+            fields[field] = value
+    for field, name in (("compile_cache_bytes", "KN_STEER_COMPILE_CACHE_MIB"), ("bank_bytes", "KN_STEER_BANK_MIB")):
+        value = _number(name, float, 1.0, 1 << 20)
+        if value is not None:
+            fields[field] = int(value * (1 << 20))
+    return ServingSettings(sets_dir=default_sets_dir(), sets_dir_explicit=bool(os.environ.get(SETS_ENV)), **fields)

@@ -1,0 +1,140 @@
+"""A worker's steering state without an engine: mixed batches, eviction, TP slices, compile, guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kn_steer.models.families import ModelShape
+from kn_steer.serving import wire
+from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
+from kn_steer.serving.runner_v1 import local_slice
+from kn_steer.serving.worker_state import WorkerSteering
+from kn_steer.steering.compile import compile_spec
+from kn_steer.steering.limits import UNLIMITED
+from kn_steer.steering.masks import CompiledSteering, dense_mask
+
+SHAPE = ModelShape(num_layers=3, intermediate_size=8)
+
+
+def _compiled(spec) -> CompiledSteering:
+    return compile_spec(spec, {}, SHAPE, UNLIMITED)
+
+
+def _state(capacity: int = 5, size: int = 8, offset: int = 0, layers=(0, 1, 2), guard: float = 1e4) -> WorkerSteering:
+    op = NeuronMaskOp(list(layers), size, offset, capacity, torch.float32, "cpu", guard)
+    return WorkerSteering(op, capacity, max_tokens=64, device="cpu")
+
+
+def _add(state: WorkerSteering, req: str, compiled: CompiledSteering | None) -> None:
+    state.add_request(req, None if compiled is None else wire.encode(compiled))
+
+
+def _apply_reference(compiled: CompiledSteering, layer: int, x: torch.Tensor, is_prompt: bool):
+    mul, add = dense_mask(compiled.mask("prompt" if is_prompt else "generated"), SHAPE)
+    return x * mul[layer] + add[layer]
+
+
+def test_mixed_batch_matches_dense_reference():
+    a = _compiled({"interventions": [{"neurons": [[0, 1], [1, 7], [2, 3]], "op": "scale", "factor": 2.5}]})
+    b = _compiled({"interventions": [{"neurons": [[0, 1], [2, 0]], "op": "clamp", "value": -1.0,
+                                      "positions": "generated"}]})
+    state = _state()
+    _add(state, "a", a)
+    _add(state, "plain", None)
+    _add(state, "b", b)
+    _add(state, "a2", a)  # same spec: shares slots
+    req_ids = ["plain", "a", "b", "a2"]
+    state.prepare_step(req_ids, np.array([3, 4, 2, 1]), np.array([0, 2, 5, 9]), np.array([3, 4, 6, 5]))
+    x = torch.randn(10, 8)
+    per_token = [(None, True)] * 3 + [(a, p < 4) for p in range(2, 6)] + [(b, p < 6) for p in range(5, 7)] + [(a, False)]
+    for layer in range(3):
+        got = state.apply(layer, x)
+        for t, (comp, is_prompt) in enumerate(per_token):
+            want = x[t] if comp is None else _apply_reference(comp, layer, x[t], is_prompt)
+            torch.testing.assert_close(got[t], want)
+    # "a": one key for both kinds (same mask); "b": generated only -> two masks resident
+    assert state.table.in_use == 2
+    assert state.counters.steered_tokens == 6  # 3 unsteered tokens and b's prompt token read slot 0
+    for r in req_ids:
+        state.remove_request(r)
+    state.prepare_step([], np.zeros(0, int), np.zeros(0, int), np.zeros(0, int))
+    assert torch.equal(state.op.mul, torch.ones_like(state.op.mul))
+    assert torch.equal(state.op.add, torch.zeros_like(state.op.add))
+    assert int(state.token_slots.abs().sum()) == 0
+
+
+def test_unscheduled_masks_are_evicted_and_written_back():
+    state = _state(capacity=3)
+    specs = [_compiled({"interventions": [{"neurons": [[0, i]], "op": "scale", "factor": 3.0}]}) for i in range(4)]
+    for i, c in enumerate(specs):
+        _add(state, f"r{i}", c)
+    x = torch.ones(2, 8)
+    for step in [(0, 1), (2, 3), (1, 2), (0, 3)]:
+        state.prepare_step([f"r{i}" for i in step], np.array([1, 1]), np.array([5, 5]), np.array([1, 1]))
+        out = state.apply(0, x)
+        for row, i in enumerate(step):
+            want = torch.ones(8)
+            want[i] = 3.0
+            torch.testing.assert_close(out[row], want)
+
+
+def test_tensor_parallel_slices_cover_the_full_layer():
+    compiled = _compiled({"interventions": [{"neurons": [[0, 0], [0, 3], [0, 4], [1, 7], [2, 5]],
+                                             "op": "clamp", "value": 4.0}]})
+    x = torch.randn(3, 8)
+    full = _state(capacity=3)
+    halves = [_state(capacity=3, size=4, offset=0), _state(capacity=3, size=4, offset=4)]
+    for state in [full, *halves]:
+        _add(state, "r", compiled)
+        state.prepare_step(["r"], np.array([3]), np.array([0]), np.array([2]))
+    for layer in range(3):
+        joined = torch.cat([halves[0].apply(layer, x[:, :4]), halves[1].apply(layer, x[:, 4:])], dim=1)
+        torch.testing.assert_close(joined, full.apply(layer, x))
+
+
+def test_pipeline_stage_holds_only_its_layers():
+    compiled = _compiled({"interventions": [{"neurons": [[0, 1], [2, 3]], "op": "clamp", "value": 5.0}]})
+    stage = _state(layers=(2,))
+    assert stage.op.mul.shape[0] == 1
+    _add(stage, "r", compiled)
+    stage.prepare_step(["r"], np.array([1]), np.array([0]), np.array([1]))
+    out = stage.apply(2, torch.zeros(1, 8))
+    assert float(out[0, 3]) == 5.0 and float(out[0, 1]) == 0.0
+
+
+def test_local_slice_reads_row_parallel_attributes():
+    class RowParallelShape(torch.nn.Module):
+        input_size_per_partition, tp_rank, tp_size = 48, 1, 2
+
+    assert local_slice(RowParallelShape(), 96) == (48, 48)
+    assert local_slice(torch.nn.Linear(96, 4), 96) == (0, 96)
+
+
+def test_the_layer_math_compiles_once_and_follows_slot_updates():
+    state = _state(capacity=3, layers=(0,))
+    fn = torch.compile(lambda x: state.apply(0, x), dynamic=True, fullgraph=True)
+    x = torch.ones(4, 8)
+    torch.testing.assert_close(fn(x), x)
+    _add(state, "r", _compiled({"interventions": [{"neurons": [[0, 2]], "op": "clamp", "value": 7.0}]}))
+    state.prepare_step(["r"], np.array([4]), np.array([0]), np.array([4]))
+    assert float(fn(x)[0, 2]) == 7.0
+
+
+def test_guard_makes_non_finite_activations_finite_and_leaves_the_rest():
+    state = _state(capacity=3, layers=(0,), guard=1e4)
+    x = torch.tensor([[1.5, float("inf"), float("nan"), -float("inf"), 3.0, 0.0, -2.0, 1e30]])
+    out = state.apply(0, x)
+    assert torch.equal(out, torch.tensor([[1.5, 1e4, 0.0, -1e4, 3.0, 0.0, -2.0, 1e30]]))
+
+
+def test_restore_rewrites_resident_masks_after_memory_loss():
+    state = _state(capacity=3, layers=(0,))
+    _add(state, "r", _compiled({"interventions": [{"neurons": [[0, 2]], "op": "clamp", "value": 7.0}]}))
+    state.prepare_step(["r"], np.array([1]), np.array([0]), np.array([1]))
+    state.op.mul.fill_(float("nan"))  # what sleep level 2 may leave behind
+    state.op.add.fill_(123.0)
+    state.restore()
+    state.prepare_step(["r"], np.array([1]), np.array([1]), np.array([1]))
+    out = state.apply(0, torch.ones(1, 8))
+    assert out[0].tolist() == [1.0, 1.0, 7.0, 1.0, 1.0, 1.0, 1.0, 1.0]
