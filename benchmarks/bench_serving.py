@@ -157,11 +157,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="instead of timing: one torch-profiler trace per core configuration into DIR, summarized")
     ap.add_argument("--enforce-eager", action="store_true", help="eager mode instead of the default compiled mode")
     ap.add_argument("--quick", action="store_true", help="1 session, 1 repetition, 16 requests x 32 tokens, no sweeps")
-    ap.add_argument("--out", default="serving", help="result name under benchmarks/results/")
+    ap.add_argument("--out", default=None,
+                    help="result name under benchmarks/results/ (default: serving; serving_quick with --quick, "
+                         "so a quick run never overwrites the published full run)")
     ap.add_argument("--log", default=str(common.RESULTS / "logs" / "serving.log"), help="engine logs")
     args = ap.parse_args(argv)
     if args.quick:
         args.sessions, args.reps, args.scaling_reps, args.requests, args.gen_len = 1, 1, 0, 16, 32
+    if args.out is None:
+        args.out = "serving_quick" if args.quick else "serving"
     return args
 
 

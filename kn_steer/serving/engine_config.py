@@ -51,7 +51,7 @@ def problems(config: Any) -> list[str]:
     """Every setting of ``config`` kn-steer cannot honour, each with its cause and fix."""
     found: list[str] = []
     par = config.parallel_config
-    if config.use_v2_model_runner:
+    if config.use_v2_model_runner and os.environ.get("KN_STEER_EXPERIMENTAL_V2", "").strip() != "1":
         why = (f"{RUNNER_ENV}={os.environ.get(RUNNER_ENV)}" if os.environ.get(RUNNER_ENV) is not None
                else "a feature that requires it (watermarking, HiSparse)")
         found.append(f"vLLM chose its V2 model runner ({why}); kn-steer steers through the V1 runner only "
@@ -69,8 +69,14 @@ def problems(config: Any) -> list[str]:
     if getattr(config, "kv_transfer_config", None) is not None:
         found.append("KV transfer (disaggregated prefill) would reuse KV computed by instances that may not "
                      "steer identically: remove --kv-transfer-config")
+    if getattr(config.speculative_config, "enable_adaptive_verification", False):
+        found.append("adaptive verification decides token counts on the device: remove it")
     if getattr(par, "prefill_context_parallel_size", 1) > 1 or getattr(par, "decode_context_parallel_size", 1) > 1:
         found.append("context parallelism re-partitions tokens across ranks: remove it")
+    if str(config.model_config.dtype).replace("torch.", "") == "float16":
+        found.append("float16 has too little range for steering that stays finite (SmolLM2-135M's own "
+                     "residual stream reaches 2e4 of float16's 65,504; scaling every neuron by 10 overflows): "
+                     "serve with --dtype bfloat16 or float32")
     if par.pipeline_parallel_size > 1:
         found.append("pipeline parallelism is not proven with kn-steer yet: use tensor parallelism")
     if par.data_parallel_size > 1:
@@ -98,6 +104,34 @@ def bank_slots(config: Any, num_layers: int, intermediate: int, dtype_bytes: int
     return slots, slots < needed
 
 
+def _steerable_folder(engine_args: Any) -> bool:
+    """Whether the model is a local folder of a family kn-steer serves (read before vLLM builds the
+    config, from config.json alone)."""
+    import json
+    from pathlib import Path
+
+    from kn_steer.models.families import supported_architectures
+
+    config = Path(str(engine_args.model)) / "config.json"
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return bool(set(archs) & set(supported_architectures(serving_only=True)))
+
+
+def _precheck(engine_args: Any) -> None:
+    """Refusals that must come before vLLM builds the config (it would fail with its own message)."""
+    if not _steerable_folder(engine_args):
+        return
+    if os.environ.get(RUNNER_ENV, "").strip() == "1" and os.environ.get("KN_STEER_EXPERIMENTAL_V2", "").strip() != "1":
+        raise ConfigurationRefused(
+            f"kn-steer cannot steer this vLLM configuration: {RUNNER_ENV}=1 selects vLLM's V2 model runner, and "
+            f"kn-steer steers through the V1 runner only (the V2 integration is designed but unproven): unset "
+            f"{RUNNER_ENV} (kn-steer then selects V1), or {FIX}"
+        )
+
+
 def _mark(engine_args: Any) -> dict[str, Any]:
     extra = engine_args.additional_config if isinstance(engine_args.additional_config, dict) else {}
     engine_args.additional_config = {**extra, "kn_steer": {"version": WIRE_VERSION}}
@@ -106,6 +140,7 @@ def _mark(engine_args: Any) -> dict[str, Any]:
 
 def wrap_create_engine_config(orig):
     def create_engine_config(self, *args, **kwargs):
+        _precheck(self)
         mark = _mark(self)
         try:
             config = orig(self, *args, **kwargs)

@@ -16,6 +16,7 @@ Any failure raises and the engine does not start. The result is kept for ``kn_st
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import Any
@@ -72,11 +73,15 @@ def run_self_check(runner: Any, state: WorkerSteering) -> dict[str, Any]:
     if state.active_requests:
         raise SelfCheckFailed("kn-steer self-check must run before any request is live")
     tokens = int(min(8, runner.vllm_config.scheduler_config.max_num_batched_tokens))
+    # real attention (no KV writes): without it the dummy run's attention output is uninitialized memory
+    params = inspect.signature(runner._dummy_run).parameters
+    attention = {"force_attention": True} if "force_attention" in params else (
+        {"skip_attn": False} if "skip_attn" in params else {})
 
     def forward(slot: int) -> torch.Tensor:
         state.point_all_at(slot, tokens)
         with torch.inference_mode():
-            return _hidden(runner._dummy_run(tokens, force_attention=True))
+            return _hidden(runner._dummy_run(tokens, **attention))
 
     try:
         base = forward(0)

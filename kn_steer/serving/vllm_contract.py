@@ -111,6 +111,16 @@ PATCHES: tuple[Patch, ...] = (
           "admit no more distinct masks than the bank has slots (like max_loras)"),
 )
 
+#: The V2 runner integration (kn_steer.serving.runner_v2): applied only with KN_STEER_EXPERIMENTAL_V2=1.
+V2_PATCHES: tuple[Patch, ...] = (
+    Patch("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.add_requests", "kn_steer.serving.runner_v2:_wrap_add_requests",
+          "V2: register new, resumed and re-added requests' masks"),
+    Patch("vllm.v1.worker.gpu.model_runner", "GPUModelRunner._remove_request",
+          "kn_steer.serving.runner_v2:_wrap_remove_request", "V2: release finished and preempted requests"),
+    Patch("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.prepare_inputs",
+          "kn_steer.serving.runner_v2:_wrap_prepare_inputs", "V2: the token -> slot map in V2's sorted batch order"),
+)
+
 READS: tuple[Read, ...] = (
     Read("os.environ", ("VLLM_USE_V2_MODEL_RUNNER",), "set to 0 when unset: kn-steer serves through the V1 runner"),
     Read("os.environ", ("VLLM_USE_RUST_FRONTEND",), "refused: the Rust front end bypasses the Python API edge"),
@@ -169,14 +179,22 @@ def check_version() -> str:
     return f"{dist} {version}"
 
 
+def active_patches() -> tuple[Patch, ...]:
+    """:data:`PATCHES`, plus :data:`V2_PATCHES` when the experimental V2 integration is switched on."""
+    import os
+
+    experimental = os.environ.get("KN_STEER_EXPERIMENTAL_V2", "").strip() == "1"
+    return PATCHES + (V2_PATCHES if experimental else ())
+
+
 def modules() -> list[str]:
     """The vLLM modules the plugin patches (in the order of :data:`PATCHES`)."""
-    return list(dict.fromkeys(p.module for p in PATCHES))
+    return list(dict.fromkeys(p.module for p in active_patches()))
 
 
 def apply_module(name: str, module: Any) -> None:
     """Apply every patch of one freshly imported vLLM module."""
-    for patch in PATCHES:
+    for patch in active_patches():
         if patch.module == name:
             patch.apply(module)
 
@@ -186,7 +204,7 @@ def check_all() -> list[str]:
     from kn_steer.serving.patching import resolve
 
     problems = []
-    for patch in PATCHES:
+    for patch in PATCHES + V2_PATCHES:
         try:
             module = importlib.import_module(patch.module)
             owner_path, _, name = patch.target.rpartition(".")

@@ -11,9 +11,12 @@ serving hook replaces any non-finite value it would produce (it cannot, within t
 Defaults (float32 and bfloat16 share float32's exponent range): ``|factor| <= 100`` (the papers use
 0 to 10) and ``|value| <= 1e4``. SmolLM2-135M's largest MLP activation on English text is 3,340
 (layer 11's "massive activations"; 99.99th percentile 3.8): ``1e4`` leaves every natural value and
-3x the largest one reachable. At these limits every neuron of every layer scaled by ``±100`` or
-clamped to ``±1e4`` keeps every hidden state finite (tests/integration/test_hostile_doses.py).
-float16 tops out at 65,504, so its defaults are 10 and 1e3. Operators set their own with
+3x the largest one reachable. At these limits, every neuron of every layer scaled by ``±100`` or
+clamped to ``±1e4`` keeps every hidden state finite, largest 2.5e6 (float32 and bfloat16, measured
+with the transformers reference; tests/integration/test_hostile_doses.py checks it in vLLM).
+float16 tops out at 65,504 while SmolLM2's own residual stream reaches 2e4: even ``x10`` on every
+neuron overflows, so the server refuses to steer a float16 model (``serving/engine_config.py``);
+the float16 defaults (10, 1e3) only bound offline use. Operators set their own limits with
 ``kn-steer serve --max-abs-factor/--max-abs-value`` (or ``KN_STEER_MAX_ABS_FACTOR/_VALUE``).
 """
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from kn_steer.models.families import ModelShape
-from kn_steer.steering.spec import PositionKind
+
+PositionKind = Literal["prompt", "generated"]
+POSITION_KINDS: tuple[PositionKind, ...] = ("prompt", "generated")
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,7 @@ from pydantic import (
 )
 
 from kn_steer.errors import SpecError
-
-PositionKind = Literal["prompt", "generated"]
-POSITION_KINDS: tuple[PositionKind, ...] = ("prompt", "generated")
+from kn_steer.steering.masks import POSITION_KINDS, PositionKind  # noqa: F401 - re-exported
 
 # Ceilings of the schema itself (the served limits are lower; see limits.py).
 MAX_NAME_CHARS = 200

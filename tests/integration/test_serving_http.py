@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -55,6 +56,9 @@ def test_response_reports_what_was_applied(client):
     assert info["applied"][0]["op"] == "clamp" and info["applied"][0]["neurons"] > 0
     assert info["applied"][1]["neurons"] == 2 and info["applied"][1]["factor"] == 0.0
     assert info["neurons"]["prompt"] == info["neurons"]["generated"] > 0
+    assert info["applied"][0]["value"] == 2.0  # the set's own clamp value, reported as applied
+    assert info["engine"] == {"self_check": "passed", "workers": 1}
+    assert info["steered_tokens"] == {"prompt": resp.usage.prompt_tokens, "generated": resp.usage.completion_tokens}
 
 
 def test_chat_completion_is_steered_and_reports(client):
@@ -78,7 +82,8 @@ def test_sets_endpoint_lists_the_registry(srv):
     names = {s["name"]: s for s in body["data"]}
     assert set(names) == {"t-silence", "t-boost", "t-clamp"}
     assert names["t-clamp"]["operation"] == {"op": "clamp", "value": 2.0}
-    assert body["model"]["name"] == SERVED_NAME and body["max_neurons"] > 0
+    assert body["model"]["name"] == SERVED_NAME and body["limits"]["max_neurons"] == 20000
+    assert body["limits"]["max_abs_factor"] == 100 and body["limits"]["max_abs_value"] == 1e4
 
 
 TOO_MANY = {"interventions": [{"set": "t-silence"},
@@ -92,7 +97,7 @@ TOO_MANY = {"interventions": [{"set": "t-silence"},
     ({"interventions": [{"neurons": [[0, 1]], "op": "scale", "factor": "big"}]}, "factor"),
     ({"interventions": {"set": "t-boost"}}, "interventions"),
     ({"interventions": [{"set": "t-boost", "colour": "red"}]}, "colour"),
-    (TOO_MANY, "more than the maximum of 20000"),
+    (TOO_MANY, "distinct neurons requested, more than this server's limit of 20000"),
 ])
 @pytest.mark.parametrize("route", ["completions", "xargs", "stream", "chat"])
 def test_bad_spec_is_400_with_message(srv, client, spec, message, route):
@@ -123,3 +128,123 @@ def test_non_finite_factor_and_malformed_json_are_400(srv, client):
     assert resp.status_code == 400 and "beam search" in resp.json()["error"]["message"]
     assert srv.healthy()
     assert _complete(client).choices[0].text  # still serving
+
+
+# ----- the API edge under attack (issue #21) and every endpoint applies kn_steer or refuses it --------
+def _post(srv, path: str, body: dict | str, timeout: float = 60) -> httpx.Response:
+    if isinstance(body, str):
+        return httpx.post(srv.base_url + path, content=body, headers={"content-type": "application/json"},
+                          timeout=timeout)
+    return httpx.post(srv.base_url + path, json=body, timeout=timeout)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/responses", {"model": SERVED_NAME, "input": "hi", "kn_steer": SILENCE}),
+    ("/v1/responses", {"model": SERVED_NAME, "input": "hi", "vllm_xargs": {"kn_steer": json.dumps(SILENCE)}}),
+    ("/v1/messages", {"model": SERVED_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
+                      "kn_steer": SILENCE}),
+    ("/v1/chat/completions/batch", {"model": SERVED_NAME, "kn_steer": SILENCE,
+                                    "messages": [[{"role": "user", "content": "hi"}]]}),
+    ("/inference/v1/generate", {"model": SERVED_NAME, "token_ids": [1, 2, 3],
+                                "sampling_params": {"max_tokens": 2, "extra_args": {"kn_steer": SILENCE}}}),
+    ("/v1/embeddings", {"model": SERVED_NAME, "input": "hi", "kn_steer": SILENCE}),
+    ("/tokenize", {"model": SERVED_NAME, "prompt": "hi", "kn_steer": SILENCE}),
+])
+def test_kn_steer_is_refused_where_it_cannot_be_applied(srv, path, body):
+    resp = _post(srv, path, body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "kn_steer" and f"not supported on {path}" in error["message"]
+
+
+@pytest.mark.parametrize("spec, field", [
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ({"interventions": [{"neurons": [[2**64, 1]], "op": "scale", "factor": 2.0}]}, "kn_steer.interventions[0].neurons[0][0]"),
+    ({"interventions": [{"neurons": [[0, 1]], "op": "scale", "factor": False}]}, "kn_steer.interventions[0].factor"),
+    ({"interventions": [{"neurons": [[0, 1]], "op": "scale", "factor": "2.0"}]}, "kn_steer.interventions[0].factor"),
+    ({"interventions": [{"neurons": [[True, "7"]], "op": "scale", "factor": 2.0}]}, "kn_steer.interventions[0].neurons[0][0]"),
+    ({"interventions": [{"neurons": [[3, 7], [3, 7], [3, 7]], "op": "scale", "factor": 2.0}]}, "listed twice"),
+    ({"interventions": [{"neurons": [[5, 1]], "op": "scale", "factor": 1e39}]}, "beyond this server's limit |factor| <= 100"),
+    ({"interventions": [{"neurons": [[29, 1]], "op": "clamp", "value": 1e19}]}, "beyond this server's limit |value| <= 10000"),
+    ({"interventions": [{"neurons": [[0, i]], "op": "scale", "factor": 2.0} for i in range(65)]}, "65 interventions"),
+])
+def test_hostile_specs_are_400_naming_the_field(srv, spec, field):
+    for where in ("top", "xargs"):
+        body = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2}
+        if where == "top":
+            body["kn_steer"] = spec
+        else:
+            body["vllm_xargs"] = {"kn_steer": spec if isinstance(spec, str) else json.dumps(spec)}
+        resp = _post(srv, "/v1/completions", body)
+        assert resp.status_code == 400, (where, resp.text[:300])
+        error = resp.json()["error"]
+        assert error["param"] == "kn_steer" and field in error["message"], (where, error)
+    assert srv.healthy()
+
+
+def test_huge_specs_are_refused_before_parsing_and_health_stays_responsive(srv):
+    import threading
+
+    many = {"interventions": [{"neurons": [[i % 30, i % 1536]], "op": "scale", "factor": 2.0} for i in range(199_999)]}
+    body = json.dumps({"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2, "kn_steer": many})
+    assert len(body) > 11_000_000
+    started = time.perf_counter()
+    resp = _post(srv, "/v1/completions", body, timeout=120)
+    assert resp.status_code == 400 and "at most 4194304 bytes" in resp.json()["error"]["message"]
+    assert time.perf_counter() - started < 10
+    # a large spec within the body limit is parsed and compiled off the event loop
+    big = {"interventions": [{"neurons": [[layer, i] for i in range(1536)], "op": "scale", "factor": 2.0}
+                             for layer in range(30)]}
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            t = time.perf_counter()
+            assert httpx.get(srv.base_url + "/health", timeout=30).status_code == 200
+            latencies.append(time.perf_counter() - t)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for _ in range(3):
+            resp = _post(srv, "/v1/completions", {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2,
+                                                  "kn_steer": big}, timeout=120)
+            assert resp.status_code == 400 and "46080 distinct neurons" in resp.text
+    finally:
+        done.set()
+        poller.join()
+    assert latencies and max(latencies) < 2.0, latencies
+
+
+def test_response_summarizes_a_large_spec(client):
+    spec = {"interventions": [{"neurons": [[layer, i] for i in range(0, 1536, 3)], "op": "scale", "factor": 1.5}
+                              for layer in range(30)]}
+    resp = _complete(client, spec)
+    assert len(json.dumps(resp.kn_steer)) < 8000  # counts per intervention, not an echo of 15,360 neurons
+    assert resp.kn_steer["neurons"]["prompt"] == 15360
+
+
+def test_metrics_show_what_was_steered(srv, client):
+    _complete(client, SILENCE)
+    text = httpx.get(srv.base_url + "/metrics", timeout=30).text
+
+    def value(name: str) -> float:
+        lines = [l for l in text.splitlines() if l.startswith(name) and not l.startswith("#")]
+        assert lines, name
+        return float(lines[0].rsplit(" ", 1)[1])
+
+    assert value("kn_steer_engine_self_check_passed") == 1.0
+    assert value("kn_steer_engine_slot_capacity") == 129
+    assert value("kn_steer_engine_bank_bytes") == 2 * 30 * 129 * 1536 * 4
+    assert value("kn_steer_engine_steered_tokens") > 0 and value("kn_steer_engine_steered_requests") > 0
+    assert value('kn_steer_requests_total{steered="true"}') >= 1
+    assert value('kn_steer_steered_tokens_total{position="prompt"}') > 0
+    assert "kn_steer_rejected_requests_total" in text
+
+
+def test_status_endpoint_reports_every_worker(srv):
+    body = httpx.get(srv.base_url + "/v1/kn_steer/status", timeout=30).json()
+    assert body["engine"]["self_check"] == "passed"
+    (worker,) = body["workers"]
+    assert worker["self_check"]["passed"] and worker["runner"].endswith("cpu_model_runner")

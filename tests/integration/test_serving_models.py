@@ -7,19 +7,10 @@ import json
 import pytest
 import torch
 from helpers.engines import default_ref, make_llm, shutdown, write_test_sets
+from helpers.tiny import save_tiny_checkpoint as build
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-TINY = {
-    "llama": dict(model_type="llama", hidden_size=128, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
-    "qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
-    "qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, head_dim=32,
-                  max_position_embeddings=256),
-    "gpt2": dict(model_type="gpt2", n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=256),
-}
 ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=8, skip_tokenizer_init=True,
               enforce_eager=True, seed=0)
 PROMPTS = [[5, 17, 99, 3, 42, 7], [200, 1, 1, 64, 33], [9, 8, 7, 6, 5, 4, 3, 2]]
@@ -31,20 +22,6 @@ SPECS = [
     {"interventions": [{"neurons": [[1, i] for i in range(40, 60)], "op": "clamp", "value": -4.0,
                         "positions": "generated"}]},
 ]
-
-
-def build(family: str, folder, seed: int = 0):
-    """A small random model with peaked logits (large init), saved as a checkpoint folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(TINY[family])
-    config = AutoConfig.for_model(cfg.pop("model_type"), initializer_range=0.2, **cfg)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.config.architectures = [type(model).__name__]
-    model.eval().requires_grad_(False)
-    model.save_pretrained(folder)
-    return model
 
 
 def reference(model, ids, spec, max_tokens):
@@ -120,13 +97,26 @@ def test_tensor_parallel_2_matches_tp_1(tmp_path, monkeypatch):
             k += 1
 
 
-def test_unsupported_architecture_is_a_startup_error(tmp_path):
-    from kn_steer.errors import UnsupportedArchitecture
+def test_unsupported_architecture_serves_with_steering_disabled(tmp_path):
+    """GPT-2 is not a served family: vLLM serves it as usual, and kn_steer requests get a clear 400."""
+    from vllm import SamplingParams
+
+    from kn_steer.errors import SpecError
 
     build("gpt2", tmp_path / "gpt2")
     (tmp_path / "sets").mkdir()
-    with pytest.raises(UnsupportedArchitecture, match="serving does not support .*GPT2LMHeadModel"):
-        make_llm(tmp_path / "gpt2", sets=tmp_path / "sets", **ENGINE)
+    llm = make_llm(tmp_path / "gpt2", sets=tmp_path / "sets", **ENGINE)
+    try:
+        plain = llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4, temperature=0),
+                             use_tqdm=False)
+        assert len(plain[0].outputs[0].token_ids) == 4
+        steered = SamplingParams(max_tokens=4, temperature=0, extra_args={"kn_steer": SPECS[1]})
+        with pytest.raises(SpecError, match="steering is not available for this model.*GPT2LMHeadModel"):
+            llm.generate([{"prompt_token_ids": PROMPTS[0]}], steered, use_tqdm=False)
+        (status,) = llm.collective_rpc("kn_steer_status")
+        assert status["enabled"] is False and status["self_check"] is None
+    finally:
+        shutdown(llm)
 
 
 def test_mismatched_neuron_set_refuses_to_start(tmp_path):
