@@ -9,11 +9,15 @@ Format (JSON)::
             {"name": "boost", "kn_steer": {"interventions": [{"set": "ircan-memotrap", "op": "scale",
                                                               "factor": 2}]}, "weight": 1}
          ],
-         "control": "control"}
+         "control": "control", "outcome": "binary"}
     ]}
 
 ``kn_steer: null`` (or an empty interventions list) is an unsteered arm. ``control`` names the arm
 the report compares the others against; by default the first unsteered arm, else the first arm.
+``outcome`` (optional) fixes the type of the experiment's outcomes: ``"binary"`` (true/false;
+rates with Wilson intervals) or ``"numeric"`` (numbers; means with t intervals, kept inside
+``outcome_range: [low, high]`` when given, and outcomes outside it refused). Undeclared, the
+first outcome attached fixes the type (:mod:`kn_steer.ab.outcomes`).
 Everything is checked when the server starts (:func:`load_config` then :func:`validate_specs`), so
 a bad file never reaches traffic.
 """
@@ -22,8 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from pydantic import (
     BaseModel,
@@ -34,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from kn_steer.ab.ids import clip
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.models.families import ModelShape
 from kn_steer.steering.compile import compile_spec
@@ -82,6 +88,8 @@ class Experiment(BaseModel):
     description: str = ""
     arms: list[Arm] = Field(min_length=1)
     control: str | None = None
+    outcome: Literal["binary", "numeric"] | None = None
+    outcome_range: tuple[float, float] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Experiment":
@@ -91,6 +99,12 @@ class Experiment(BaseModel):
             raise ValueError(f"duplicate arm name(s) {dupes}")
         if self.control is not None and self.control not in names:
             raise ValueError(f"control arm {self.control!r} is not one of the arms {names}")
+        if self.outcome_range is not None:
+            low, high = self.outcome_range
+            if self.outcome != "numeric":
+                raise ValueError("'outcome_range' needs \"outcome\": \"numeric\" (binary outcomes lie in [0, 1])")
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"'outcome_range' must be [low, high] with finite low < high, got {[low, high]}")
         return self
 
     @property
@@ -113,6 +127,7 @@ class Experiment(BaseModel):
         total = sum(a.weight for a in self.arms)
         return {
             "name": self.name, "description": self.description, "control": self.control_arm,
+            "outcome": self.outcome, "outcome_range": list(self.outcome_range) if self.outcome_range else None,
             "arms": [
                 {"name": a.name, "weight": a.weight, "share": a.weight / total,
                  "kn_steer": a.kn_steer.model_dump(exclude_none=True, exclude_defaults=False)
@@ -140,7 +155,7 @@ class ExperimentsConfig(BaseModel):
             if exp.name == name:
                 return exp
         known = ", ".join(e.name for e in self.experiments) or "none configured"
-        raise SpecError(f"kn_steer.experiment: unknown experiment {name!r} (known: {known})")
+        raise SpecError(f"kn_steer.experiment: unknown experiment {clip(name)} (known: {known})")
 
 
 def _describe_errors(exc: ValidationError, raw: Any) -> str:
@@ -218,3 +233,47 @@ def _check_names_only(spec: SteeringSpec, sets: Mapping[str, Any], where: str) -
         if iv.set is not None and iv.set not in sets:
             known = ", ".join(sorted(sets)) or "none loaded"
             raise SpecError(f"{where}.interventions[{k}].set: unknown neuron set {iv.set!r} (known: {known})")
+
+
+@dataclass(frozen=True)
+class Dose:
+    """What one intervention of an arm does once a set's defaults are filled in."""
+
+    target: str  # "set NAME" or "explicit neurons"
+    neurons: int
+    op: str  # "scale" or "clamp"
+    amount: float | None  # the factor (scale) or value (clamp); None when it differs per neuron
+    positions: str  # "all", "prompt" or "generated"
+
+    def __str__(self) -> str:
+        amount = "per-neuron amounts" if self.amount is None else (
+            f"x{self.amount:g}" if self.op == "scale" else f"to {self.amount:g}")
+        return f"{self.op} {amount} at {self.positions} positions ({self.target}, {self.neurons} neurons)"
+
+
+def arm_doses(arm: Arm, sets: Mapping[str, Any]) -> list[Dose]:
+    """Each intervention's operation, amount and positions as served (set defaults applied).
+
+    An arm's name should say what it does; this is what it does (``kn-steer ab check`` prints it).
+    """
+    doses = []
+    for k, iv in enumerate(arm.spec().interventions):
+        ns = sets.get(iv.set) if iv.set is not None else None
+        if iv.set is not None and ns is None:
+            raise SpecError(f"arm {arm.name!r}: interventions[{k}].set: unknown neuron set {iv.set!r}")
+        op = iv.op or ns.operation.op
+        given = iv.factor if op == "scale" else iv.value
+        if ns is None:
+            neurons, amounts = len(iv.neurons or ()), {given}
+        else:
+            members = [n for n in ns.neurons if iv.layers is None or n.layer in iv.layers]
+            default = ns.operation.factor if op == "scale" else ns.operation.value
+            if ns.operation.op != op:
+                default = None
+            own = [(n.factor if op == "scale" else n.value) for n in members]
+            amounts = {given} if given is not None else {default if v is None else v for v in own}
+            neurons = len(members)
+        amount = next(iter(amounts)) if len(amounts) == 1 else None
+        target = f"set {iv.set}" if iv.set is not None else "explicit neurons"
+        doses.append(Dose(target, neurons, op, None if amount is None else float(amount), iv.positions))
+    return doses

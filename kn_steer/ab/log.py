@@ -2,9 +2,11 @@
 
 Two record types share the file, so one path holds a whole experiment:
 
-* ``{"type": "assignment", "request_id", "experiment", "arm", "unit", "assignment", "time",
-  "latency_s", "usage": {"prompt_tokens", "completion_tokens"}, "error", "status", ...}`` when a
-  request finishes (``prompt`` only when prompt logging is switched on);
+* ``{"type": "assignment", "request_id", "aliases", "experiment", "arm", "unit", "assignment",
+  "time", "latency_s", "usage": {"prompt_tokens", "completion_tokens"}, "error", "status", ...}``
+  when a request finishes (``prompt`` only when prompt logging is switched on). ``request_id`` is
+  the id the client sees (the response's ``id``); ``aliases`` the other ids of the same request
+  (the ``X-Request-Id`` header, the body's request id), see :mod:`kn_steer.ab.ids`;
 * ``{"type": "outcome", "request_id", "outcome": true|false|number, "time", "source"}`` when an
   outcome is attached. The last outcome of a request wins.
 
@@ -32,6 +34,7 @@ from pydantic import (
     ValidationError,
 )
 
+from kn_steer.ab.ids import clip
 from kn_steer.errors import DataError, KnSteerError
 from kn_steer.fileio import read_jsonl
 
@@ -67,6 +70,7 @@ class AssignmentRecord(BaseModel):
 
     type: Literal["assignment"] = "assignment"
     request_id: str
+    aliases: list[str] = []
     experiment: str
     arm: str
     unit: str | None = None
@@ -97,7 +101,7 @@ def check_outcome(value: Any) -> Outcome:
         return value
     if isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
-    raise KnSteerError(f"outcome must be true, false or a finite number, got {value!r}")
+    raise KnSteerError(f"outcome must be true, false or a finite number, got {clip(value)}")
 
 
 def parse_outcome_text(text: str) -> Outcome:
@@ -110,7 +114,7 @@ def parse_outcome_text(text: str) -> Outcome:
     try:
         return check_outcome(float(low))
     except ValueError:
-        raise KnSteerError(f"outcome {text!r} is neither true/false nor a number") from None
+        raise KnSteerError(f"outcome {clip(text)} is neither true/false nor a number") from None
 
 
 class AssignmentLog:
@@ -168,35 +172,37 @@ class Joined:
 
     record: AssignmentRecord
     outcome: Outcome | None = None
+    outcome_line: int | None = None  # where that outcome is in the log (the earliest fixes a type)
 
 
 @dataclass
 class LogContents:
-    requests: dict[str, Joined] = field(default_factory=dict)
+    requests: dict[str, Joined] = field(default_factory=dict)  # a reused id's later requests: "ID#2", ...
     orphan_outcomes: int = 0  # outcomes whose request id has no assignment in this file
+    duplicate_ids: int = 0  # assignments logged under an id an earlier request already had
 
 
 def read_log(path: str | Path) -> LogContents:
-    """Join assignments and outcomes by request id (later lines win)."""
+    """Join assignments and outcomes by request id; an outcome belongs to the latest request
+    logged under its id before it (or, written first, to the next one), and the last one wins."""
     contents = LogContents()
-    pending: dict[str, Outcome] = {}
-    for _, rec in iter_records(path):
+    latest: dict[str, str] = {}  # request id -> key in contents.requests of its latest request
+    seen: dict[str, int] = {}
+    pending: dict[str, tuple[Outcome, int]] = {}
+    for line, rec in iter_records(path):
         if isinstance(rec, AssignmentRecord):
-            joined = contents.requests.get(rec.request_id)
-            contents.requests[rec.request_id] = Joined(rec, joined.outcome if joined else pending.pop(rec.request_id, None))
+            seen[rec.request_id] = seen.get(rec.request_id, 0) + 1
+            key = rec.request_id if seen[rec.request_id] == 1 else f"{rec.request_id}#{seen[rec.request_id]}"
+            contents.duplicate_ids += seen[rec.request_id] > 1
+            early = pending.pop(rec.request_id, None)
+            contents.requests[key] = Joined(rec, *(early or (None, None)))
+            latest[rec.request_id] = key
         else:
             value: Outcome = rec.outcome if isinstance(rec.outcome, bool) else float(rec.outcome)
-            if rec.request_id in contents.requests:
-                contents.requests[rec.request_id].outcome = value
+            if rec.request_id in latest:
+                joined = contents.requests[latest[rec.request_id]]
+                joined.outcome, joined.outcome_line = value, line
             else:
-                pending[rec.request_id] = value
+                pending[rec.request_id] = (value, line)
     contents.orphan_outcomes = len(pending)
     return contents
-
-
-def known_request_ids(path: str | Path) -> set[str]:
-    """Request ids with an assignment in the log (empty when the file does not exist yet)."""
-    path = Path(path)
-    if not path.exists():
-        return set()
-    return {rec.request_id for _, rec in iter_records(path) if isinstance(rec, AssignmentRecord)}

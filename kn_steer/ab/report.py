@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from kn_steer.ab.config import ExperimentsConfig
 from kn_steer.ab.log import Joined, read_log
-from kn_steer.ab.stats import ExperimentStats, experiment_stats
+from kn_steer.ab.stats import ArmStats, ExperimentStats, experiment_stats
 from kn_steer.errors import KnSteerError
 from kn_steer.fileio import atomic_savefig, atomic_write_json
 
@@ -22,8 +22,11 @@ def build_report(
         raise KnSteerError(f"confidence must be between 0 and 1, got {confidence}")
     contents = read_log(log_path)
     groups: dict[str, list[Joined]] = {}
-    for row in contents.requests.values():
+    reused: dict[str, int] = {}
+    for key, row in contents.requests.items():
         groups.setdefault(row.record.experiment, []).append(row)
+        if key != row.record.request_id:
+            reused[row.record.experiment] = reused.get(row.record.experiment, 0) + 1
     if experiment is not None:
         if experiment not in groups:
             known = ", ".join(sorted(groups)) or "none"
@@ -33,14 +36,17 @@ def build_report(
         raise KnSteerError(f"{log_path}: no experiment requests logged yet")
     reports = []
     for name, rows in groups.items():
-        order, ctrl = None, control
+        order, ctrl, kind, bounds = None, control, None, None
         if config is not None and any(e.name == name for e in config.experiments):
             exp = config.get(name)
             order = [a.name for a in exp.arms]
             ctrl = ctrl or exp.control_arm
+            kind, bounds = exp.outcome, exp.outcome_range
         if ctrl is not None and ctrl not in {r.record.arm for r in rows} | set(order or ()):
             raise KnSteerError(f"control arm {ctrl!r} has no requests in experiment {name!r}")
-        reports.append(experiment_stats(name, rows, order, ctrl, confidence))
+        stats = experiment_stats(name, rows, order, ctrl, confidence, kind=kind, outcome_range=bounds)
+        stats.reused_ids = reused.get(name, 0)
+        reports.append(stats)
     return reports
 
 
@@ -64,7 +70,9 @@ def render(reports: Sequence[ExperimentStats]) -> None:
     for rep in reports:
         label = {"binary": "rate", "numeric": "mean", "none": "outcome"}[rep.kind]
         errors = sum(s.errors for s in rep.arms)
-        table = Table(title=f"{rep.experiment}: {rep.kind} outcomes{' (paired by unit)' if rep.paired else ''}, "
+        table = Table(title=f"{rep.experiment}: {rep.kind} outcomes"
+                            f"{f' ({rep.kind_source})' if rep.kind != 'none' else ''}"
+                            f"{' paired by unit' if rep.paired else ''}, "
                             f"{rep.confidence:.0%} intervals, "
                             f"control = {rep.control} (*), {errors} failed requests",
                       box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
@@ -79,6 +87,13 @@ def render(reports: Sequence[ExperimentStats]) -> None:
                 _fmt_p(c.p_value if c else None), _fmt_p(c.p_holm if c else None),
             )
         console.print(table)
+        if rep.ignored_outcomes:
+            console.print(f"  {rep.ignored_outcomes} outcome(s) left out: not {rep.kind} "
+                          f"({'declared' if rep.kind_source == 'declared' else 'the type of the first outcome'})"
+                          + (f" or outside {list(rep.outcome_range)}" if rep.outcome_range else ""))
+        if rep.reused_ids:
+            console.print(f"  {rep.reused_ids} request(s) logged under an id an earlier request had "
+                          "(reused X-Request-Id): their outcomes could not be attached")
 
 
 def save_json(reports: Sequence[ExperimentStats], path: str | Path) -> Path:
@@ -94,41 +109,68 @@ def save_json(reports: Sequence[ExperimentStats], path: str | Path) -> Path:
     return atomic_write_json(path, {"experiments": [clean(r.to_dict()) for r in reports]})
 
 
-def plot(reports: Sequence[ExperimentStats], path: str | Path) -> Path:
-    """One row per experiment: outcome per arm with its interval (p-value vs control above each
-    bar) and requests per arm. Written through a temporary file, then renamed."""
+def _arm_label(s: ArmStats) -> str:
+    """Tick label under an arm's bar: its name, outcomes and p-value (never near the title)."""
+    label = s.arm + ("\n(control)" if s.is_control and s.arm != "control" else "") + f"\nn={s.outcomes}"
+    if s.vs_control is not None:
+        label += f"\np={_fmt_p(s.vs_control.p_value)}"
+    return label
+
+
+def figure(reports: Sequence[ExperimentStats]) -> Any:
+    """One row per experiment: outcome per arm with its interval, and requests per arm.
+
+    Rates are bars from 0 to 1; numeric means are points (a bar's length would mean nothing on
+    a scale such as 1-5), inside the declared range when there is one. Counts and p-values go in
+    the tick labels under the arms, where they cannot collide with bars, error bars or title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    fig, axes = plt.subplots(len(reports), 2, figsize=(11, 3.8 * len(reports)), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 2]})
+    # room per arm for its widest tick label (about 0.075 in per character at 8 pt)
+    slots = max((len(r.arms) * max(1.0, 0.075 * max(len(s.arm) + 2 for s in r.arms)) for r in reports), default=0)
+    fig, axes = plt.subplots(len(reports), 2, figsize=(max(11.0, (slots + 0.8) * 5 / 3), 4.2 * len(reports)),
+                             squeeze=False, gridspec_kw={"width_ratios": [3, 2]})
     for (ax_out, ax_n), rep in zip(axes, reports):
         names = [s.arm for s in rep.arms]
+        positions = list(range(len(names)))
         colors = ["#7f7f7f" if s.is_control else "#1f77b4" for s in rep.arms]
-        if rep.kind == "none":
+        if rep.kind == "none" or not any(s.outcomes for s in rep.arms):
             ax_out.text(0.5, 0.5, "no outcomes attached yet", ha="center", va="center", transform=ax_out.transAxes)
+            ax_out.set_yticks([])
         else:
             est = [s.value.estimate if s.value else math.nan for s in rep.arms]
             low = [e - s.value.low if s.value and not math.isnan(s.value.low) else 0 for e, s in zip(est, rep.arms)]
             high = [s.value.high - e if s.value and not math.isnan(s.value.high) else 0 for e, s in zip(est, rep.arms)]
-            ax_out.bar(names, est, yerr=[low, high], capsize=6, color=colors)
-            for i, s in enumerate(rep.arms):
-                note = f"n={s.outcomes}"
-                if s.vs_control is not None:
-                    note += f"\np={_fmt_p(s.vs_control.p_value)}"
-                top = est[i] + high[i] if not math.isnan(est[i]) else 0
-                ax_out.annotate(note, (i, top), ha="center", va="bottom", fontsize=8,
-                                xytext=(0, 3), textcoords="offset points")
-            ax_out.set_ylabel("success rate" if rep.kind == "binary" else "mean outcome")
             if rep.kind == "binary":
-                ax_out.set_ylim(0, 1.15)
-        ax_out.set_title(f"{rep.experiment}: outcome by arm ({rep.confidence:.0%} CI; grey = control)")
-        ax_n.bar(names, [s.requests for s in rep.arms], color=colors)
-        ax_n.bar(names, [s.errors for s in rep.arms], color="#d62728", label="errors")
-        ax_n.set_title("requests per arm")
-        ax_n.legend(loc="lower right", fontsize=8)
+                ax_out.bar(positions, est, yerr=[low, high], capsize=6, color=colors)
+                ax_out.set_ylim(0, 1.02)
+                ax_out.set_ylabel("success rate")
+            else:
+                for x, e, lo, hi, color in zip(positions, est, low, high, colors):
+                    ax_out.errorbar([x], [e], yerr=[[lo], [hi]], fmt="o", capsize=6, color=color, markersize=8)
+                ax_out.set_xlim(-0.6, len(names) - 0.4)
+                ax_out.set_ylabel("mean outcome")
+                if rep.outcome_range is not None:
+                    span = rep.outcome_range[1] - rep.outcome_range[0]
+                    ax_out.set_ylim(rep.outcome_range[0] - 0.02 * span, rep.outcome_range[1] + 0.02 * span)
+            ax_out.grid(axis="y", alpha=0.3)
+        ax_out.set_xticks(positions, [_arm_label(s) for s in rep.arms], fontsize=8)
+        ax_out.set_title(f"{rep.experiment}: {rep.kind} outcome by arm\n"
+                         f"({rep.confidence:.0%} CI, p vs control; grey = control)", fontsize=10)
+        # horizontal bars: arm names stacked down the side never run into each other
+        ax_n.barh(positions, [s.requests for s in rep.arms], color=colors)
+        ax_n.barh(positions, [s.errors for s in rep.arms], color="#d62728")
+        ax_n.set_yticks(positions, names, fontsize=8)
+        ax_n.invert_yaxis()
+        ax_n.set_xlabel("requests")
+        ax_n.set_title("requests per arm (red: failed)", fontsize=10)
     fig.tight_layout()
-    return atomic_savefig(fig, path)
+    return fig
+
+
+def plot(reports: Sequence[ExperimentStats], path: str | Path) -> Path:
+    """:func:`figure` as a PNG, written through a temporary file, then renamed."""
+    return atomic_savefig(figure(reports), Path(path))

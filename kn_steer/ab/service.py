@@ -1,14 +1,17 @@
 """The A/B layer inside the API server: resolve experiment requests, record finished ones, add routes.
 
 One :class:`ABService` per process holds the validated config, the assignment log and the metrics.
-It plugs into the serving plugin only through :mod:`kn_steer.serving.hooks`.
+It plugs into the serving plugin only through :mod:`kn_steer.serving.hooks`. A finished request
+is logged under the id its client saw (the record's ``response_id``; the ``X-Request-Id`` header
+and the body's request id become aliases, :mod:`kn_steer.ab.ids`), and outcomes go through
+:class:`kn_steer.ab.outcomes.OutcomeLedger`. Everything a client controls that is echoed or
+logged is bounded: the unit, ids, the outcome body, logged prompts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,14 +21,15 @@ from fastapi import (
 
 from kn_steer.ab.assign import assign
 from kn_steer.ab.config import ExperimentsConfig
+from kn_steer.ab.ids import clip, record_ids
 from kn_steer.ab.log import (
     AssignmentLog,
     AssignmentRecord,
-    check_outcome,
     log_prompts_enabled,
     now_iso,
 )
 from kn_steer.ab.metrics import get_metrics
+from kn_steer.ab.outcomes import OutcomeLedger
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.steering.spec import SteeringSpec
 
@@ -36,7 +40,9 @@ logger = logging.getLogger("kn_steer.ab")
 
 EXPERIMENTS_PATH = "/v1/kn_steer/experiments"
 OUTCOMES_PATH = "/v1/kn_steer/outcomes"
-RESPONSE_ID_PREFIXES = ("cmpl-", "chatcmpl-")  # vLLM's response ids: prefix + the request id
+MAX_UNIT_CHARS = 256  # a unit is echoed in the response and logged with every request
+MAX_OUTCOME_BODY_BYTES = 16 * 1024  # {"request_id": <= 256 chars (longer ones are hashed), "outcome": x}
+MAX_LOGGED_PROMPT_CHARS = 64 * 1024  # opt-in prompt logging keeps at most this much per request
 NO_CONFIG = ("no experiments configured: start the server with KN_STEER_EXPERIMENTS=FILE "
              "to enable A/B experiments")
 
@@ -49,6 +55,28 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=default))
 
 
+def _bounded_prompt(value: Any) -> Any:
+    """The prompt as logged: whole when small, else its first characters as text, marked cut."""
+    data = _jsonable(value)
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    if len(text) <= MAX_LOGGED_PROMPT_CHARS:
+        return data
+    return {"truncated": True, "chars": len(text), "head": text[:MAX_LOGGED_PROMPT_CHARS]}
+
+
+async def _read_bounded(request: Request, limit: int) -> bytes | None:
+    """The request body, or None once it passes ``limit`` bytes (never buffered beyond that)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 class ABService:
     """Experiment resolution, request recording and outcome attachment for one API server."""
 
@@ -59,10 +87,7 @@ class ABService:
         self.log = AssignmentLog(log_path)
         self.log_prompts = log_prompts_enabled() if log_prompts is None else log_prompts
         self.metrics = get_metrics()
-        self._known: set[str] = set()
-        self._scanned = 0  # bytes of the log already scanned for request ids
-        self._lock = threading.Lock()
-        self._scan_log()
+        self.ledger = OutcomeLedger(self.log, config)
         if config is not None:
             self.log.check_writable()
             for exp in config.experiments:
@@ -76,14 +101,14 @@ class ABService:
             return spec, {}
         if self.config is None:
             raise SpecError(f"kn_steer.experiment: {NO_CONFIG}")
+        if spec.unit is not None and len(spec.unit) > MAX_UNIT_CHARS:
+            raise SpecError(f"kn_steer.unit: {len(spec.unit)} characters, more than the maximum of "
+                            f"{MAX_UNIT_CHARS} (use a user or session id, or a hash of one)")
         exp = self.config.get(spec.experiment)
         index, how = assign(exp.name, [a.weight for a in exp.arms], spec.unit)
         arm = exp.arms[index]
-        with self._lock:
-            self._known.add(request_id)
-        # request_id: the id the log uses (the response's own ``id`` adds a "cmpl-" style prefix)
-        info = {"experiment": exp.name, "arm": arm.name, "unit": spec.unit, "assignment": how,
-                "request_id": request_id}
+        # No id here: the log keys the request by the response's own ``id``, which the client has.
+        info = {"experiment": exp.name, "arm": arm.name, "unit": spec.unit, "assignment": how}
         return arm.spec().model_copy(deep=True), info
 
     # -- hooks.request_listeners -----------------------------------------------------------------
@@ -100,8 +125,13 @@ class ABService:
                 control = self.config.get(experiment).control_arm == arm
             except SpecError:
                 pass
+        try:
+            logged, aliases = record_ids(record)
+        except KnSteerError:
+            logger.error("kn-steer A/B: a finished request of %r came without an id; not logged", experiment)
+            return
         entry = AssignmentRecord(
-            request_id=str(record.get("request_id")), experiment=experiment, arm=arm,
+            request_id=logged, aliases=aliases, experiment=experiment, arm=arm,
             unit=info.get("unit"), assignment=info.get("assignment"), is_control=control, time=now_iso(),
             latency_s=record.get("latency_s"),
             usage={"prompt_tokens": record.get("prompt_tokens"),
@@ -109,64 +139,29 @@ class ABService:
             error=bool(record.get("error")), status=record.get("status"), endpoint=record.get("endpoint"),
         ).model_dump(exclude={"prompt"})
         if self.log_prompts and record.get("prompt") is not None:
-            entry["prompt"] = _jsonable(record["prompt"])
-        with self._lock:
-            self._known.add(entry["request_id"])
+            entry["prompt"] = _bounded_prompt(record["prompt"])
         try:
             self.log.append(entry)
         except (OSError, ValueError):
             logger.exception("kn-steer A/B: could not append to %s", self.log.path)
 
     # -- outcomes --------------------------------------------------------------------------------
-    def _scan_log(self) -> None:
-        """Pick up request ids appended since the last scan (by this or another process)."""
-        try:
-            handle = self.log.path.open("rb")
-        except OSError:  # not written yet (or unusable: check_writable says why)
-            return
-        with handle:
-            handle.seek(self._scanned)
-            for line in handle:
-                if not line.endswith(b"\n"):  # a line still being written: next time
-                    break
-                self._scanned += len(line)
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(obj, dict) and obj.get("type") == "assignment" and isinstance(obj.get("request_id"), str):
-                    self._known.add(obj["request_id"])
-
-    def known_id(self, request_id: str) -> str | None:
-        """The logged id for ``request_id`` (also given as the response id, ``cmpl-<id>``)."""
-        candidates = [request_id] + [request_id[len(p):] for p in RESPONSE_ID_PREFIXES if request_id.startswith(p)]
-        with self._lock:
-            for rescan in (False, True):
-                if rescan:
-                    self._scan_log()
-                for cand in candidates:
-                    if cand in self._known:
-                        return cand
-        return None
-
     def attach_outcome(self, body: Any) -> dict[str, Any]:
-        """Validate an outcome body and append it; KnSteerError (-> 400) for anything wrong."""
+        """Validate an outcome body and append it; KnSteerError (-> 400) for anything wrong.
+
+        ``request_id`` may be the response's ``id``, the ``X-Request-Id`` sent, or the logged id.
+        """
         if not isinstance(body, dict):
             raise KnSteerError('body must be a JSON object {"request_id": ..., "outcome": true|false|number}')
         unknown = sorted(set(body) - {"request_id", "outcome"})
         if unknown:
-            raise KnSteerError(f"unknown field(s) {unknown}; expected 'request_id' and 'outcome'")
+            raise KnSteerError(f"unknown field(s) {clip(unknown)}; expected 'request_id' and 'outcome'")
         request_id = body.get("request_id")
         if not isinstance(request_id, str) or not request_id:
-            raise KnSteerError("field 'request_id' must be a non-empty string")
+            raise KnSteerError("field 'request_id' must be a non-empty string (the response's `id`)")
         if "outcome" not in body:
             raise KnSteerError("field 'outcome' is missing (true, false or a number)")
-        value = check_outcome(body["outcome"])
-        logged = self.known_id(request_id)
-        if logged is None:
-            raise KnSteerError(f"unknown request id {request_id!r}: no experiment request with that id "
-                               f"was served (log {self.log.path})")
-        return self.log.add_outcome(logged, value, source="api")
+        return self.ledger.attach(request_id, body["outcome"], source="api")
 
     def describe(self) -> dict[str, Any]:
         experiments = [] if self.config is None else [e.describe() for e in self.config.experiments]
@@ -179,9 +174,9 @@ class ABService:
         if any(getattr(r, "path", None) == OUTCOMES_PATH for r in app.routes):
             return
 
-        def bad_request(message: str) -> JSONResponse:
-            return JSONResponse(status_code=400, content={"error": {
-                "message": message, "type": "BadRequestError", "param": None, "code": 400}})
+        def bad_request(message: str, status: int = 400) -> JSONResponse:
+            return JSONResponse(status_code=status, content={"error": {
+                "message": message, "type": "BadRequestError", "param": None, "code": status}})
 
         @app.get(EXPERIMENTS_PATH)
         async def list_experiments() -> JSONResponse:
@@ -189,10 +184,17 @@ class ABService:
 
         @app.post(OUTCOMES_PATH)
         async def post_outcome(request: Request) -> JSONResponse:
+            raw = await _read_bounded(request, MAX_OUTCOME_BODY_BYTES)
+            if raw is None:
+                return bad_request(f"body larger than {MAX_OUTCOME_BODY_BYTES} bytes: an outcome is "
+                                   '{"request_id": ..., "outcome": ...}', status=413)
             try:
-                body = json.loads(await request.body() or b"null")
+                body = json.loads(raw or b"null")
             except ValueError as exc:
                 return bad_request(f"body is not valid JSON ({exc})")
+            except RecursionError:
+                return bad_request("body is nested too deeply: an outcome is "
+                                   '{"request_id": ..., "outcome": true|false|number}')
             try:
                 record = self.attach_outcome(body)
             except KnSteerError as exc:

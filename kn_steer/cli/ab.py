@@ -39,26 +39,25 @@ def register(app: typer.Typer) -> None:
 
     @ab.command("outcome")
     def outcome(
-        request_id: str = typer.Argument(..., help="The request id (the response's `id`)."),
+        request_id: str = typer.Argument(..., help="The response's `id` (cmpl-...), or the X-Request-Id header "
+                                                   "the request was sent with, or its id in the log."),
         value: str = typer.Argument(..., help="true/false (success/failure) or a number (use `--` before a negative one)."),
         log: Path = typer.Option(..., "--log", help="Assignment log the request was recorded in."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Experiments config: declared outcome types and ranges."),
     ) -> None:
-        """Attach an outcome to a logged request (appended to the log; the last one counts)."""
-        from kn_steer.ab.log import AssignmentLog, known_request_ids, parse_outcome_text
+        """Attach an outcome to a logged request (appended to the log; the last one counts).
+
+        The outcome must have the experiment's type: the one its config declares, else the type of
+        its first outcome (a number for a true/false experiment is refused, and the reverse).
+        """
+        from kn_steer.ab.config import load_config
+        from kn_steer.ab.log import parse_outcome_text
+        from kn_steer.ab.outcomes import ledger_for
 
         parsed = parse_outcome_text(value)
-        if not log.exists():
-            raise KnSteerError(f"log {log} does not exist")
-        from kn_steer.ab.service import RESPONSE_ID_PREFIXES
-
-        known = known_request_ids(log)
-        candidates = [request_id] + [request_id[len(p):] for p in RESPONSE_ID_PREFIXES if request_id.startswith(p)]
-        logged = next((c for c in candidates if c in known), None)
-        if logged is None:
-            raise KnSteerError(f"unknown request id {request_id!r}: no assignment with that id in {log}")
-        AssignmentLog(log).add_outcome(logged, parsed, source="cli")
-        request_id = logged
-        typer.echo(f"{request_id}: outcome {parsed!r} recorded in {log}")
+        ledger = ledger_for(log, load_config(config) if config is not None else None)
+        record = ledger.attach(request_id, parsed, source="cli")
+        typer.echo(f"{record['request_id']}: outcome {parsed!r} recorded in {log}")
 
     @ab.command("offline")
     def offline(
@@ -86,6 +85,9 @@ def register(app: typer.Typer) -> None:
             raise KnSteerError(f"--format must be memotrap or kre, not {fmt!r}")
         cfg = load_config(config)
         exp = cfg.get(experiment)
+        if exp.outcome == "numeric":
+            raise KnSteerError(f"experiment {exp.name!r} declares numeric outcomes; offline runs score "
+                               "each item true/false (the context-faithful choice wins or not)")
         items = load_items(data, fmt, limit)  # type: ignore[arg-type]
         log_path = log or Path(f"ab-offline-{exp.name}.jsonl")
         bar = tqdm(total=len(items) * len(exp.arms), desc=f"{exp.name}", unit="item")
@@ -113,7 +115,7 @@ def register(app: typer.Typer) -> None:
         """Validate a config against a model and neuron-set folder, as the server does at start."""
         from transformers import AutoConfig
 
-        from kn_steer.ab.config import load_config, validate_specs
+        from kn_steer.ab.config import arm_doses, load_config, validate_specs
         from kn_steer.models import resolve_model
         from kn_steer.models.families import ModelShape
         from kn_steer.sets.format import model_identity
@@ -126,7 +128,13 @@ def register(app: typer.Typer) -> None:
         validate_specs(cfg, registry, ModelShape.from_config(hf_config), source=str(config))
         for exp in cfg.experiments:
             shares = ", ".join(f"{a['name']} {a['share']:.0%}" for a in exp.describe()["arms"])
-            typer.echo(f"{exp.name}: {shares} (control: {exp.control_arm})")
+            outcome = exp.outcome or "set by the first outcome"
+            if exp.outcome_range is not None:
+                outcome += " in [{:g}, {:g}]".format(*exp.outcome_range)
+            typer.echo(f"{exp.name}: {shares} (control: {exp.control_arm}; outcomes: {outcome})")
+            for arm in exp.arms:  # what each arm really does, set defaults filled in
+                doses = "; ".join(str(d) for d in arm_doses(arm, registry)) or "no steering"
+                typer.echo(f"  {arm.name}: {doses}")
         typer.echo("ok")
 
     app.add_typer(ab, name="ab")

@@ -76,7 +76,8 @@ def register(app: typer.Typer) -> None:
                                   help="The model the set was found on (checked by fingerprint)."),
         top: int = typer.Option(10, "--top", help="How many top-scoring neurons to show."),
         tokens: int = typer.Option(5, "--tokens", help="Tokens per direction for each neuron."),
-        plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of score by layer here."),
+        plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of score by layer here (the top "
+                                                          "neurons labelled, at most 20)."),
     ) -> None:
         """Print a set's metadata, counts per layer, and the tokens its top neurons read and write."""
         from kn_steer.models import load_hf_model
@@ -97,5 +98,5 @@ def register(app: typer.Typer) -> None:
             reports = neuron_tokens(hf_model, tokenizer, ns.top(top), k=tokens)
         _print_report(ns, reports, counts_only=top == 0)
         if plot is not None:
-            written = plot_distribution(ns, plot)
+            written = plot_distribution(ns, plot, annotate=top)
             typer.echo(f"plot written to {written}")

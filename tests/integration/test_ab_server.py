@@ -98,6 +98,15 @@ def _ask(srv, unit: str | None, max_tokens: int = 6, experiment: str = EXPERIMEN
     )
 
 
+def _row(rows, response_id: str):
+    """The log row of a response: logged under the response ``id`` (servers that hand listeners
+    ``response_id``), or under the bare request id (servers from before that)."""
+    for prefix in ("cmpl-", "chatcmpl-"):
+        if response_id not in rows and response_id.startswith(prefix) and response_id[len(prefix):] in rows:
+            return rows[response_id[len(prefix):]]
+    return rows[response_id]
+
+
 def _metric(text: str, name: str, arm: str) -> float:
     pattern = re.compile(rf'^{name}\{{(?=[^}}]*arm="{arm}")(?=[^}}]*experiment="{EXPERIMENT}")[^}}]*\}} (\S+)$', re.M)
     found = pattern.findall(text)
@@ -165,9 +174,8 @@ def test_assignment_metrics_and_log(ab_server):
 
     rows = read_log(log_path).requests
     for resp in responses:
-        rid = resp.model_extra["kn_steer"]["request_id"]
-        assert resp.id.endswith(rid)
-        rec = rows[rid].record
+        assert "request_id" not in resp.model_extra["kn_steer"]  # one id: the response's own
+        rec = _row(rows, resp.id).record
         assert rec.arm == resp.model_extra["kn_steer"]["arm"] and rec.experiment == EXPERIMENT
         assert rec.usage.prompt_tokens == resp.usage.prompt_tokens
         assert rec.usage.completion_tokens == resp.usage.completion_tokens
@@ -201,11 +209,14 @@ def test_chat_and_streaming_requests_are_counted(ab_server):
     deadline = time.time() + 10  # a stream is recorded when its generator closes, just after [DONE]
     while True:
         rows = read_log(log_path).requests
-        if stream_info["request_id"] in rows or time.time() > deadline:
+        try:
+            rec = _row(rows, chunks[0].id).record
             break
+        except KeyError:
+            if time.time() > deadline:
+                raise
         time.sleep(0.2)
-    assert rows[info["request_id"]].record.endpoint == "chat"
-    rec = rows[stream_info["request_id"]].record
+    assert _row(rows, chat.id).record.endpoint == "chat"
     assert rec.arm == stream_info["arm"] and rec.usage.completion_tokens == 4
 
 
@@ -222,16 +233,54 @@ def test_outcomes_endpoint_cli_and_report(ab_server, tmp_path):
                  {"request_id": resp.id, "outcome": "good"}):
         bad = httpx.post(srv.base_url + "/v1/kn_steer/outcomes", json=body, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["message"]
-    rid = resp.model_extra["kn_steer"]["request_id"]
-    assert read_log(log_path).requests[rid].outcome is True
-    result = CliRunner().invoke(app, ["ab", "outcome", "--log", str(log_path), resp.id, "0.25"])
+    assert _row(read_log(log_path).requests, resp.id).outcome is True
+    result = CliRunner().invoke(app, ["ab", "outcome", "--log", str(log_path), resp.id, "false"])
     assert result.exit_code == 0, result.output
-    assert read_log(log_path).requests[rid].outcome == 0.25
+    assert _row(read_log(log_path).requests, resp.id).outcome is False
+    result = CliRunner().invoke(app, ["ab", "outcome", "--log", str(log_path), resp.id, "0.25"])
+    assert "takes binary outcomes" in str(result.exception)  # the first outcome made it true/false
     png = tmp_path / "live.png"
     result = CliRunner().invoke(app, ["ab", "report", "--log", str(log_path), "--experiment", EXPERIMENT,
                                       "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 0
+
+
+def test_an_x_request_id_header_gives_one_id_end_to_end(ab_server):
+    """Item 7 of issue 21: with X-Request-Id the response id is cmpl-<header>; that id, the header
+    value and the logged id all attach outcomes, and the log holds the id the client saw.
+    Needs a server whose request records carry ``response_id`` and ``header_request_id``."""
+    srv, log_path = ab_server
+    header = f"gateway-{time.time_ns()}"
+    resp = srv.client().completions.create(
+        model=serving_helpers.SERVED_NAME, prompt=PROMPT, max_tokens=2, temperature=0,
+        extra_body={"kn_steer": {"experiment": EXPERIMENT, "unit": "header-user"}},
+        extra_headers={"X-Request-Id": header},
+    )
+    assert resp.id == f"cmpl-{header}"
+    rec = read_log(log_path).requests[resp.id].record
+    assert rec.request_id == resp.id and header in rec.aliases
+    for given, value in ((resp.id, True), (header, False)):
+        ok = httpx.post(srv.base_url + "/v1/kn_steer/outcomes", json={"request_id": given, "outcome": value},
+                        timeout=30)
+        assert ok.status_code == 200 and ok.json()["request_id"] == resp.id, ok.text
+    assert read_log(log_path).requests[resp.id].outcome is False
+    again = srv.client().completions.create(  # the same header twice: refused as ambiguous, not guessed
+        model=serving_helpers.SERVED_NAME, prompt=PROMPT, max_tokens=2, temperature=0,
+        extra_body={"kn_steer": {"experiment": EXPERIMENT, "unit": "header-user"}},
+        extra_headers={"X-Request-Id": header},
+    )
+    bad = httpx.post(srv.base_url + "/v1/kn_steer/outcomes", json={"request_id": again.id, "outcome": True},
+                     timeout=30)
+    assert bad.status_code == 400 and "ambiguous" in bad.json()["error"]["message"]
+
+
+def test_a_long_unit_is_a_400(ab_server):
+    srv, _ = ab_server
+    with pytest.raises(openai.BadRequestError) as err:
+        _ask(srv, "u" * 257)
+    assert "kn_steer.unit: 257 characters" in str(err.value) and len(str(err.value)) < 1000
+    assert srv.healthy()
 
 
 def test_offline_mode_runs_every_arm(ab_server, tmp_path):

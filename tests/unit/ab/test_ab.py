@@ -283,10 +283,13 @@ def test_routes_list_experiments_and_accept_outcomes(installed):
                           "completion_tokens": 2, "latency_s": 0.1, "error": False, "status": 200})
     ok = client.post("/v1/kn_steer/outcomes", json={"request_id": "req-b", "outcome": True})
     assert ok.status_code == 200 and ok.json()["outcome"] is True
-    ok = client.post("/v1/kn_steer/outcomes", json={"request_id": "cmpl-req-b", "outcome": 0.5})  # response id form
+    # a record without "response_id" (serving before it sent one) is logged under its request id;
+    # the response id form (cmpl-<request id>) still finds it
+    ok = client.post("/v1/kn_steer/outcomes", json={"request_id": "cmpl-req-b", "outcome": False})
     assert ok.status_code == 200 and ok.json()["request_id"] == "req-b"
     for body, needle in [
         ({"request_id": "nope", "outcome": True}, "unknown request id 'nope'"),
+        ({"request_id": "req-b", "outcome": 0.5}, "takes binary outcomes (set by the experiment's first outcome)"),
         ({"request_id": "req-b", "outcome": "yes"}, "outcome must be true, false or a finite number"),
         ({"request_id": "req-b"}, "'outcome' is missing"),
         ({"request_id": "req-b", "outcome": 1, "extra": 1}, "unknown field"),
@@ -297,7 +300,7 @@ def test_routes_list_experiments_and_accept_outcomes(installed):
     bad = client.post("/v1/kn_steer/outcomes", content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 400
     joined = read_log(installed.log.path).requests["req-b"]
-    assert joined.outcome == 0.5  # the last outcome wins
+    assert joined.outcome is False  # the last outcome wins
 
 
 def test_without_config_experiments_are_a_spec_error(tmp_path, monkeypatch):
@@ -424,10 +427,16 @@ def test_outcome_cli(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["ab", "outcome", "--log", str(path), "control-1", "false"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["ab", "outcome", "--log", str(path), "cmpl-control-2", "--", "-2.5"])
+    result = runner.invoke(app, ["ab", "outcome", "--log", str(path), "cmpl-control-2", "success"])
     assert result.exit_code == 0, result.output
     rows = read_log(path).requests
-    assert rows["control-1"].outcome is False and rows["control-2"].outcome == -2.5
+    assert rows["control-1"].outcome is False and rows["control-2"].outcome is True
+    result = runner.invoke(app, ["ab", "outcome", "--log", str(path), "control-2", "--", "-2.5"])
+    assert isinstance(result.exception, KnSteerError) and "takes binary outcomes" in str(result.exception)
+    numeric = synthetic_log(tmp_path / "n.jsonl", {"control": 0.5}, 3, seed=0, numeric=True)
+    result = runner.invoke(app, ["ab", "outcome", "--log", str(numeric), "control-2", "--", "-2.5"])
+    assert result.exit_code == 0, result.output
+    assert read_log(numeric).requests["control-2"].outcome == -2.5
     result = runner.invoke(app, ["ab", "outcome", "--log", str(path), "ghost", "true"])
     assert isinstance(result.exception, KnSteerError) and "unknown request id 'ghost'" in str(result.exception)
     result = runner.invoke(app, ["ab", "outcome", "--log", str(path), "control-1", "maybe"])
