@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from helpers.tiny import TINY_CONFIGS, build_tiny_model
 
 

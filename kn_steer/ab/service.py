@@ -31,7 +31,10 @@ from kn_steer.ab.log import (
 from kn_steer.ab.metrics import get_metrics
 from kn_steer.ab.outcomes import OutcomeLedger
 from kn_steer.errors import KnSteerError, SpecError
-from kn_steer.steering.spec import SteeringSpec
+from kn_steer.steering.spec import (  # a unit is echoed and logged: bounded
+    MAX_UNIT_CHARS,
+    SteeringSpec,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -40,7 +43,6 @@ logger = logging.getLogger("kn_steer.ab")
 
 EXPERIMENTS_PATH = "/v1/kn_steer/experiments"
 OUTCOMES_PATH = "/v1/kn_steer/outcomes"
-MAX_UNIT_CHARS = 256  # a unit is echoed in the response and logged with every request
 MAX_OUTCOME_BODY_BYTES = 16 * 1024  # {"request_id": <= 256 chars (longer ones are hashed), "outcome": x}
 MAX_LOGGED_PROMPT_CHARS = 64 * 1024  # opt-in prompt logging keeps at most this much per request
 NO_CONFIG = ("no experiments configured: start the server with KN_STEER_EXPERIMENTS=FILE "

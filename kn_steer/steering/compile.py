@@ -185,6 +185,10 @@ def compile_spec(
             keep = np.isin(layers, iv.layers)
             layers, indices, factors, values = layers[keep], indices[keep], factors[keep], values[keep]
         op = iv.op or (ns.operation.op if ns is not None else None)
+        if iv.op is None and (iv.factor if op == "clamp" else iv.value) is not None:
+            given = "factor" if op == "clamp" else "value"
+            raise SpecError(f"{loc}.{given}: set {iv.set!r}'s default operation is {op!r}, which takes "
+                            f"{'value' if op == 'clamp' else 'factor'}; give 'op' to change the operation")
         if op == "scale":
             default = ns.operation.factor if ns is not None and ns.operation.op == "scale" else None
             param = _per_neuron(iv.factor, factors, default, f"{loc}.factor: op 'scale' on set {iv.set!r} needs a factor")

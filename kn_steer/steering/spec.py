@@ -76,8 +76,6 @@ class Intervention(BaseModel):
             raise ValueError("op 'scale' takes 'factor', not 'value'")
         if self.op == "clamp" and self.factor is not None:
             raise ValueError("op 'clamp' takes 'value', not 'factor'")
-        if self.op is None and (self.factor is not None or self.value is not None):
-            raise ValueError("'factor'/'value' need an 'op' ('scale' or 'clamp')")
         return self
 
 

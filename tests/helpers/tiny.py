@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128),

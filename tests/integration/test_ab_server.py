@@ -19,11 +19,11 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-import helpers.engines as serving_helpers
 import httpx
 import openai
 import pytest
 
+import helpers.engines as serving_helpers
 from kn_steer.ab.assign import assign
 from kn_steer.ab.log import read_log
 

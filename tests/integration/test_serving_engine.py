@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+
 from helpers.engines import (
     ENGINE_KW,
     default_ref,

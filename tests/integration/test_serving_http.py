@@ -8,6 +8,7 @@ import time
 import httpx
 import openai
 import pytest
+
 from helpers.engines import SERVED_NAME, greedy, offline_llm, server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

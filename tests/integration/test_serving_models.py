@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from helpers.engines import default_ref, make_llm, shutdown, write_test_sets
 from helpers.tiny import save_tiny_checkpoint as build
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers.paths import SETS
 
+from helpers.paths import SETS
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import NeuronSet, model_identity
 from kn_steer.sets.registry import NeuronSetRegistry

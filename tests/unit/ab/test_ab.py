@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.paths import ROOT
 from scipy import stats
 
+from helpers.paths import ROOT
 from kn_steer.ab import assign as assign_mod
 from kn_steer.ab.config import load_config, parse_config, validate_specs
 from kn_steer.ab.log import AssignmentLog, read_log

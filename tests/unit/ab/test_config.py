@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers.paths import ROOT
 
+from helpers.paths import ROOT
 from kn_steer.ab.config import Dose, arm_doses, load_config, parse_config
 from kn_steer.sets.format import MethodInfo, ModelIdentity, Neuron, NeuronSet, Operation
 from kn_steer.sets.registry import NeuronSetRegistry

@@ -21,7 +21,7 @@ from kn_steer.ab.ids import MAX_ID_CHARS, RequestIndex, bounded_id, record_ids
 from kn_steer.ab.log import read_log
 from kn_steer.ab.service import MAX_OUTCOME_BODY_BYTES, MAX_UNIT_CHARS, ABService
 from kn_steer.errors import KnSteerError, SpecError
-from kn_steer.steering.spec import SteeringSpec
+from kn_steer.steering.spec import SteeringSpec, parse_spec
 
 CONFIG = {"experiments": [{"name": "exp1", "arms": [
     {"name": "control", "kn_steer": None},
@@ -149,10 +149,13 @@ def test_cli_accepts_the_response_id_and_the_header(service):
 def test_unit_and_body_are_bounded(service, client):
     _, info = service.resolve(SteeringSpec(experiment="exp1", unit="u" * MAX_UNIT_CHARS), "r")
     assert info["unit"] == "u" * MAX_UNIT_CHARS
+    with pytest.raises(SpecError, match="kn_steer.unit"):  # the request schema refuses it first
+        parse_spec({"experiment": "exp1", "unit": "u" * (MAX_UNIT_CHARS + 1)})
+    # and the service refuses it even when a caller builds the spec without validation
     with pytest.raises(SpecError, match=rf"kn_steer.unit: {MAX_UNIT_CHARS + 1} characters, more than the maximum of {MAX_UNIT_CHARS}"):
-        service.resolve(SteeringSpec(experiment="exp1", unit="u" * (MAX_UNIT_CHARS + 1)), "r")
+        service.resolve(SteeringSpec.model_construct(experiment="exp1", unit="u" * (MAX_UNIT_CHARS + 1)), "r")
     with pytest.raises(SpecError) as err:
-        service.resolve(SteeringSpec(experiment="e" * 1_000_000), "r")
+        service.resolve(SteeringSpec.model_construct(experiment="e" * 1_000_000, unit=None, interventions=[]), "r")
     assert "unknown experiment" in str(err.value) and len(str(err.value)) < 300
     big = client.post("/v1/kn_steer/outcomes", content=b'{"request_id": "' + b"x" * MAX_OUTCOME_BODY_BYTES + b'"}',
                       headers={"content-type": "application/json"})

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.paths import DATA
 
+from helpers.paths import DATA
 from kn_steer.data import load_items
 from kn_steer.data.kre import build_prompt, load_kre
 from kn_steer.data.memotrap import load_memotrap

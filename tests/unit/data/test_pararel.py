@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.paths import PARAREL
 
+from helpers.paths import PARAREL
 from kn_steer.data.pararel import (
     load_pararel,
     load_relation,

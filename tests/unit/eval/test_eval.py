@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers.paths import DATA, SETS
 
+from helpers.paths import DATA, SETS
 from kn_steer.data import load_items
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.eval.api import make_spec, summarize
@@ -144,7 +144,6 @@ def test_vllm_backend_agrees_with_transformers(default_hf):
     if importlib.util.find_spec("kn_steer.serving.plugin") is None:
         pytest.skip("kn_steer.serving.plugin does not exist yet")
     import helpers.engines as helpers
-
     from kn_steer.eval.vllm_backend import VLLMEvaluator
 
     model, tok = default_hf

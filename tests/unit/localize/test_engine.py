@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from helpers.oracle import reference_attribution
 from helpers.tiny import TINY_CONFIGS, build_tiny_model
-
 from kn_steer.errors import DataError, KnSteerError
 from kn_steer.localize.engine import (
     attribute,

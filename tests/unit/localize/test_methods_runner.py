@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.paths import ROOT
 
+from helpers.paths import ROOT
 from kn_steer.errors import DataError, KnSteerError
 from kn_steer.localize import (
     Context,

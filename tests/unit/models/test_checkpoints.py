@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.tiny import build_tiny_model
 from safetensors import safe_open
 
+from helpers.tiny import build_tiny_model
 from kn_steer.errors import KnSteerError
 from kn_steer.models import IDENTITY_FILE, cache_dir, compute_fingerprint, resolve_model
 

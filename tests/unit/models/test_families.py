@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.tiny import TINY_CONFIGS, build_tiny_model
 from transformers import AutoConfig
 from transformers.activations import ACT2FN
 
+from helpers.tiny import TINY_CONFIGS, build_tiny_model
 from kn_steer.errors import UnsupportedArchitecture
 from kn_steer.models.families import (
     ModelShape,

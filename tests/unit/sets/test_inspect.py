@@ -10,9 +10,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from helpers.paths import ROOT
 from matplotlib.text import Text
 
+from helpers.paths import ROOT
 from kn_steer.sets.format import NeuronSet
 from kn_steer.sets.inspect import MAX_PLOT_LABELS, distribution_figure
 

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from helpers.tiny import TINY_CONFIGS, build_tiny_model
 
+from helpers.tiny import TINY_CONFIGS, build_tiny_model
 from kn_steer.errors import SpecError
 from kn_steer.models.families import ModelShape
 from kn_steer.models.sites import neuron_modules
