@@ -120,7 +120,7 @@ def test_more_distinct_masks_than_slots_wait_their_turn(hostile_llm):
     (status,) = hostile_llm.collective_rpc("kn_steer_status")
     assert status["slots"]["capacity"] == SLOTS
     specs = [{"interventions": [
-        {"neurons": [[layer, i] for layer in range(10, 20) for i in range(k, 1536, 97)], "op": "scale",
+        {"neurons": [[layer, i] for layer in range(10, 20) for i in range(k, 1536, 13)], "op": "scale",
          "factor": 0.0, "positions": "prompt"},
         {"neurons": [[layer, 7 * k + 1] for layer in range(20, 30)], "op": "clamp", "value": 3.0,
          "positions": "generated"},

@@ -107,21 +107,25 @@ def test_the_contract_matches_the_installed_vllm():
 
 
 HOOK_REMOVER = '''
-"""A third-party vLLM plugin that takes kn-steer's hook off layer 1 after the model is loaded."""
+"""A third-party vLLM plugin that takes kn-steer's hook off layer 1 once the model is loaded."""
 
 
 def register():
+    import sys
+
+    import vllm.v1.worker.cpu_worker as cw
     import vllm.v1.worker.gpu_worker as gw
 
-    original = gw.Worker.load_model
+    for cls in (gw.Worker, cw.CPUWorker):
+        original = cls.__dict__["compile_or_warm_up_model"]
 
-    def load_model(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        model = self.model_runner.get_model()
-        model.model.layers[1].mlp.down_proj._forward_pre_hooks.clear()
-        return result
+        def compile_or_warm_up_model(self, *args, _original=original, **kwargs):
+            layer = self.model_runner.get_model().model.layers[1].mlp.down_proj
+            layer._forward_pre_hooks.clear()
+            print("hook_remover: cleared layer 1", file=sys.stderr, flush=True)
+            return _original(self, *args, **kwargs)
 
-    gw.Worker.load_model = load_model
+        cls.compile_or_warm_up_model = compile_or_warm_up_model
 '''
 
 
@@ -139,8 +143,10 @@ def test_a_hook_removed_behind_the_plugins_back_stops_the_engine(tiny_llama, tmp
                 skip_tokenizer_init=True, enforce_eager=True)
     """, env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
               "KN_STEER_NEURON_SETS": str(tiny_llama.parent / "sets"), "VLLM_CPU_KVCACHE_SPACE": "1"})
+    logs = out.stdout + out.stderr
+    assert "hook_remover: cleared layer 1" in logs  # the third-party plugin ran in the worker
     assert out.returncode != 0
-    assert "kn-steer hook on layer 1's mlp.down_proj was removed behind its back" in out.stdout + out.stderr
+    assert "kn-steer hook on layer 1's mlp.down_proj was removed behind its back" in logs
 
 
 def test_sleep_and_wake_keep_results_identical():
