@@ -143,3 +143,26 @@ def test_serving_support_is_named() -> None:
         adapter_for_config(config, serving=True)
     assert "GPT2LMHeadModel" not in supported_architectures(serving_only=True)
     assert "GPT2LMHeadModel" in supported_architectures()
+
+
+def test_gemma3_neurons_on_the_real_model() -> None:
+    """Gemma 3 (model_type gemma3_text): 18 x 2048 neurons at the input of mlp.down_proj, which
+    is gelu_tanh(gate_proj(x)) * up_proj(x), the same module path vLLM's Gemma 3 uses."""
+    from kn_steer.models import load_hf_model, resolve_model
+
+    model, tokenizer = load_hf_model(resolve_model("gemma3-270m"))
+    adapter = adapter_for_config(model.config)
+    assert adapter.family == "gemma" and adapter.gated
+    assert model.config.model_type == "gemma3_text"
+    assert ModelShape.from_config(model.config) == ModelShape(18, 2048)
+    assert neuron_module_names(model.config)[17] == "model.layers.17.mlp.down_proj"
+    assert model.config.hidden_activation == "gelu_pytorch_tanh"
+    gate = get_path(decoder_layers(model)[5], "mlp.gate_proj")
+    seen_gate = {}
+    handle = gate.register_forward_hook(lambda _m, _a, out: seen_gate.update(g=out))
+    try:
+        seen = _capture(model, tokenizer("The capital of France is", return_tensors="pt")["input_ids"])
+    finally:
+        handle.remove()
+    expected = ACT2FN["gelu_pytorch_tanh"](seen_gate["g"]) * seen["pre"][5]  # pre: up_proj output
+    torch.testing.assert_close(seen["h"][5], expected, rtol=1e-5, atol=1e-5)
