@@ -166,3 +166,12 @@ def test_gemma3_neurons_on_the_real_model() -> None:
         handle.remove()
     expected = ACT2FN["gelu_pytorch_tanh"](seen_gate["g"]) * seen["pre"][5]  # pre: up_proj output
     torch.testing.assert_close(seen["h"][5], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3_gguf_config_without_architectures() -> None:
+    """The GGUF's config names no architecture, only model_type gemma3_text: still Gemma."""
+    config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=2, head_dim=16)
+    assert not getattr(config, "architectures", None)
+    assert adapter_for_config(config).family == "gemma"
+    assert ModelShape.from_config(config) == ModelShape(2, 96)
