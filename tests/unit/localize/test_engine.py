@@ -257,8 +257,8 @@ def test_gemma3_real_model_matches_oracle(gemma_hf) -> None:
     model, tok = gemma_hf
     prompt, target = encode_prompt(tok, "The Eiffel Tower is located in the city of"), encode_target(tok, " Paris")
     assert prompt[0] == 2  # <bos>
-    ref = reference_attribution(model, prompt, target, steps=4)
-    fast = attribute_ids(model, prompt, target, steps=4)
+    ref = reference_attribution(model, prompt, target, steps=2)  # 18 full forwards per step
+    fast = attribute_ids(model, prompt, target, steps=2)
     assert fast.scores.shape == (18, 2048)
     assert fast.objective > 0.3  # the base model knows it (with <bos>)
     assert _rel_err(fast.scores, ref) < 1e-3
