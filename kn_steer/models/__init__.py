@@ -1,5 +1,6 @@
-"""Models: the family table, sites inside a model, and checkpoints resolved without a network."""
+"""Models: the family table, sites inside a model, named models and checkpoints resolved offline."""
 
+from kn_steer.models.catalog import CATALOG, CatalogModel, GgufSource
 from kn_steer.models.checkpoints import (
     DEFAULT_MODEL,
     IDENTITY_FILE,
@@ -8,7 +9,10 @@ from kn_steer.models.checkpoints import (
     cache_dir,
     compute_fingerprint,
     load_hf_model,
+    load_tokenizer,
     prepare_default_model,
+    prepare_model,
+    prepared_path,
     resolve_model,
 )
 from kn_steer.models.families import (
@@ -19,7 +23,8 @@ from kn_steer.models.families import (
 )
 
 __all__ = [
+    "CATALOG", "CatalogModel", "GgufSource",
     "DEFAULT_MODEL", "IDENTITY_FILE", "Dtype", "ModelRef", "cache_dir", "compute_fingerprint",
-    "load_hf_model", "prepare_default_model", "resolve_model",
+    "load_hf_model", "load_tokenizer", "prepare_default_model", "prepare_model", "prepared_path", "resolve_model",
     "FamilyAdapter", "ModelShape", "adapter_for_config", "supported_architectures",
 ]

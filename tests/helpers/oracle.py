@@ -47,8 +47,11 @@ def reference_attribution(
     baseline_ids: Sequence[int] | None = None,
     steps: int = 20,
     target_mode: str = "first",
+    layers: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """IG scores [L, I] (float32, CPU), one layer at a time over full forwards."""
+    """IG scores [L, I] (float32, CPU), one layer at a time over full forwards.
+
+    ``layers``: only these layers (the others' rows stay NaN), for long prompts on real models."""
     device = next(model.parameters()).device
     last = len(prompt_ids) - 1
     ids = list(prompt_ids)
@@ -61,8 +64,10 @@ def reference_attribution(
     alphas = torch.arange(1, steps + 1, dtype=torch.float32, device=device)[:, None] / steps
     batch = torch.tensor([ids] * steps, device=device)
     want = torch.tensor(targets, device=device)
-    scores = []
+    scores = torch.full(acts.shape, torch.nan, dtype=torch.float32, device=device)
     for layer, module in enumerate(neuron_modules(model)):
+        if layers is not None and layer not in layers:
+            continue
         leaf = (base[layer].float() + alphas * (acts[layer].float() - base[layer].float()))
         leaf = leaf.to(acts.dtype).requires_grad_(True)
 
@@ -81,5 +86,5 @@ def reference_attribution(
                 (grad,) = torch.autograd.grad(total, leaf)
         finally:
             handle.remove()
-        scores.append((acts[layer].float() - base[layer].float()) * grad.float().sum(0) / steps)
-    return torch.stack(scores).cpu()
+        scores[layer] = (acts[layer].float() - base[layer].float()) * grad.float().sum(0) / steps
+    return scores.cpu()

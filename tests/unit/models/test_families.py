@@ -143,3 +143,35 @@ def test_serving_support_is_named() -> None:
         adapter_for_config(config, serving=True)
     assert "GPT2LMHeadModel" not in supported_architectures(serving_only=True)
     assert "GPT2LMHeadModel" in supported_architectures()
+
+
+def test_gemma3_neurons_on_the_real_model() -> None:
+    """Gemma 3 (model_type gemma3_text): 18 x 2048 neurons at the input of mlp.down_proj, which
+    is gelu_tanh(gate_proj(x)) * up_proj(x), the same module path vLLM's Gemma 3 uses."""
+    from kn_steer.models import load_hf_model, resolve_model
+
+    model, tokenizer = load_hf_model(resolve_model("gemma3-270m"))
+    adapter = adapter_for_config(model.config)
+    assert adapter.family == "gemma" and adapter.gated
+    assert model.config.model_type == "gemma3_text"
+    assert ModelShape.from_config(model.config) == ModelShape(18, 2048)
+    assert neuron_module_names(model.config)[17] == "model.layers.17.mlp.down_proj"
+    assert model.config.hidden_activation == "gelu_pytorch_tanh"
+    gate = get_path(decoder_layers(model)[5], "mlp.gate_proj")
+    seen_gate = {}
+    handle = gate.register_forward_hook(lambda _m, _a, out: seen_gate.update(g=out))
+    try:
+        seen = _capture(model, tokenizer("The capital of France is", return_tensors="pt")["input_ids"])
+    finally:
+        handle.remove()
+    expected = ACT2FN["gelu_pytorch_tanh"](seen_gate["g"]) * seen["pre"][5]  # pre: up_proj output
+    torch.testing.assert_close(seen["h"][5], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3_gguf_config_without_architectures() -> None:
+    """The GGUF's config names no architecture, only model_type gemma3_text: still Gemma."""
+    config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=2, head_dim=16)
+    assert not getattr(config, "architectures", None)
+    assert adapter_for_config(config).family == "gemma"
+    assert ModelShape.from_config(config) == ModelShape(2, 96)
