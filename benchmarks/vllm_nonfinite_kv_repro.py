@@ -6,7 +6,7 @@ is +inf. Any request containing that token writes NaN keys/values into its KV bl
 requests never contain the token; if their outputs differ from a clean engine's, vLLM's attention
 read the stale, non-finite part of a reused block (0 x NaN = NaN).
 
-    python benchmarks/vllm_nonfinite_kv_repro.py [--blocks 8] [--out benchmarks/results/vllm_nonfinite_kv.json]
+    python benchmarks/vllm_nonfinite_kv_repro.py [--blocks 12] [--out benchmarks/results/vllm_nonfinite_kv.json]
 
 Prints what it found and writes JSON; the finding is recorded in docs/vllm-nonfinite-kv.md.
 """
@@ -41,7 +41,7 @@ def build(folder: Path) -> None:
 def run(folder: Path, blocks: int, poison: bool) -> list[list[int]]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(folder), dtype="float32", max_model_len=1024, max_num_seqs=8, skip_tokenizer_init=True,
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=640, max_num_seqs=8, skip_tokenizer_init=True,
               enforce_eager=True, num_gpu_blocks_override=blocks, enable_prefix_caching=False, seed=0)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     clean_prompts = [[(11 * k + 3 * i) % 200 + 20 for i in range(300 + 37 * k)] for k in range(6)]
@@ -49,7 +49,7 @@ def run(folder: Path, blocks: int, poison: bool) -> list[list[int]]:
     try:
         for round_ in range(3):
             if poison:  # long requests that fill blocks with NaN, then finish and free them
-                bad = [[POISON if i % 5 == 0 else (i + round_) % 200 + 20 for i in range(600)] for _ in range(2)]
+                bad = [[POISON if i % 5 == 0 else (i + round_) % 200 + 20 for i in range(500)] for _ in range(2)]
                 llm.generate([{"prompt_token_ids": p} for p in bad], params, use_tqdm=False)
             outs = llm.generate([{"prompt_token_ids": p} for p in clean_prompts], params, use_tqdm=False)
             outputs.append([list(o.outputs[0].token_ids) for o in outs])
@@ -60,7 +60,7 @@ def run(folder: Path, blocks: int, poison: bool) -> list[list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", type=int, default=8, help="KV blocks (128 tokens each on CPU)")
+    parser.add_argument("--blocks", type=int, default=12, help="KV blocks (128 tokens each on CPU)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--_child", choices=["clean", "poisoned"], help=argparse.SUPPRESS)
     parser.add_argument("--_folder", type=Path, help=argparse.SUPPRESS)

@@ -22,6 +22,8 @@ import math
 import time
 from typing import Any, AsyncGenerator
 
+from fastapi import Request  # module level: FastAPI resolves the routes' (string) annotations here
+
 from kn_steer.errors import KnSteerError
 from kn_steer.serving import hooks, metrics
 from kn_steer.serving.edge import (
@@ -296,7 +298,6 @@ def install_routes(app: Any) -> None:
         return
     app.state.kn_steer_routes = True
 
-    from fastapi import Request
     from fastapi.responses import JSONResponse
 
     from kn_steer.serving.context import current_context

@@ -1,0 +1,61 @@
+"""The API edge's pieces that need no server: error type, wire format and salt, byte-bounded cache."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kn_steer.models.families import ModelShape  # noqa: E402
+from kn_steer.serving import wire  # noqa: E402
+from kn_steer.serving.context import ServingContext  # noqa: E402
+from kn_steer.serving.edge import CompileCache, SteeringRequestError  # noqa: E402
+from kn_steer.serving.endpoints import _carries_spec  # noqa: E402
+from kn_steer.serving.settings import load_settings  # noqa: E402
+from kn_steer.sets.registry import NeuronSetRegistry  # noqa: E402
+from kn_steer.steering.compile import compile_spec  # noqa: E402
+from kn_steer.steering.limits import RequestLimits  # noqa: E402
+from kn_steer.steering.spec import parse_spec  # noqa: E402
+
+SHAPE = ModelShape(num_layers=3, intermediate_size=8)
+
+
+def test_error_type_is_a_400_naming_kn_steer():
+    from vllm.exceptions import VLLMValidationError
+
+    from kn_steer.errors import SpecError
+
+    err = SteeringRequestError("bad")
+    assert isinstance(err, VLLMValidationError) and isinstance(err, SpecError) and err.parameter == "kn_steer"
+
+
+def test_wire_round_trip_keys_and_salt():
+    c = compile_spec({"interventions": [{"neurons": [[0, 2]], "op": "clamp", "value": 7.0,
+                                         "positions": "prompt"}]}, {}, SHAPE)
+    encoded = wire.encode(c)
+    assert encoded["keys"] == [c.prompt.key(), None] and wire.mask_keys(encoded) == {c.prompt.key()}
+    back = wire.decode(encoded)
+    assert back.prompt.key() == c.prompt.key() and back.generated.size == 0
+    s1, s2 = wire.cache_salt(c), wire.cache_salt(c, "user-salt")
+    assert s1 != s2 and all(len(s) <= 128 and "/" not in s for s in (s1, s2))
+
+
+def test_compile_cache_is_bounded_by_bytes():
+    ctx = ServingContext("m", True, "", load_settings(), RequestLimits(), None, SHAPE, None,
+                         NeuronSetRegistry({}, None))
+    cache = CompileCache(max_bytes=4 * 1024)
+    for i in range(8):
+        spec = parse_spec({"interventions": [{"neurons": [[0, i], [1, i]], "op": "scale", "factor": 2.0}]})
+        assert cache.get(ctx, spec).prompt.size == 2
+    assert 0 < cache.bytes <= 4 * 1024 and len(cache._items) < 8  # noqa: SLF001 - oldest dropped
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"kn_steer": {}}, True),
+    ({"vllm_xargs": {"kn_steer": "{}"}}, True),
+    ({"sampling_params": {"extra_args": {"kn_steer_compiled": {}}}}, True),
+    ({"prompt": "kn_steer is a word here"}, False),
+    ([{"kn_steer": 1}], False),
+])
+def test_the_endpoint_guard_finds_the_field_wherever_vllm_would_read_it(body, expected):
+    assert _carries_spec(body) is expected
