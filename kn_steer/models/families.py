@@ -63,12 +63,9 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("mistral", ("MistralForCausalLM",), ("mistral",), serving=True, **_LLAMA_LIKE),
     FamilyAdapter("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), serving=True, **_LLAMA_LIKE),
     FamilyAdapter("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), serving=True, **_LLAMA_LIKE),
-    FamilyAdapter(
-        "gemma",
-        ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"),
-        ("gemma", "gemma2", "gemma3_text"),
-        **_LLAMA_LIKE,
-    ),
+    FamilyAdapter("gemma", ("GemmaForCausalLM", "Gemma2ForCausalLM"), ("gemma", "gemma2"), **_LLAMA_LIKE),
+    # served: proven against the transformers reference on Gemma-3-270M (tests/integration/test_serving_gemma.py)
+    FamilyAdapter("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), serving=True, **_LLAMA_LIKE),
     FamilyAdapter(
         "gpt2", ("GPT2LMHeadModel",), ("gpt2",), gated=False, layers_path="transformer.h",
         out_proj="mlp.c_proj", in_proj="mlp.c_fc", conv1d=True, final_modules=("transformer.ln_f",),

@@ -20,11 +20,19 @@ def default_sets_dir() -> Path:
 
 
 class NeuronSetRegistry(Mapping[str, NeuronSet]):
-    """Name -> validated set. A set that does not fit the model is refused, with the reason."""
+    """Name -> validated set of one model.
 
-    def __init__(self, sets: Mapping[str, NeuronSet], folder: Path | None = None):
+    One folder may hold sets of several models (the shipped ``neuron_sets/`` has sets for each
+    prepared model). Loading against a model keeps that model's sets; sets found on another model
+    (another name) are set aside, so naming one in a request is an error that says which model it
+    belongs to; a set that claims the served model's name but not its weights or shape is stale and
+    stops start-up, with the reason."""
+
+    def __init__(self, sets: Mapping[str, NeuronSet], folder: Path | None = None,
+                 others: Mapping[str, str] | None = None):
         self._sets = dict(sets)
         self.folder = folder
+        self.others = dict(others or {})  # set name -> the model it was found on
 
     @classmethod
     def load(cls, folder: str | Path | None, identity: ModelIdentity | None = None) -> "NeuronSetRegistry":
@@ -32,17 +40,21 @@ class NeuronSetRegistry(Mapping[str, NeuronSet]):
         if not folder.exists():
             raise KnSteerError(f"neuron-set folder {folder} does not exist")
         sets: dict[str, NeuronSet] = {}
+        others: dict[str, str] = {}
         for path in sorted(folder.glob("*.json")):
             ns = NeuronSet.load(path)
-            if ns.name in sets:
+            if ns.name in sets or ns.name in others:
                 raise KnSteerError(f"{path}: neuron-set name {ns.name!r} is used by two files")
             if identity is not None:
+                if ns.model.name != identity.name and ns.model.fingerprint != identity.fingerprint:
+                    others[ns.name] = ns.model.name
+                    continue
                 try:
                     ns.check_model(identity)
                 except NeuronSetMismatch as exc:
                     raise NeuronSetMismatch(f"{path}: {exc}") from exc
             sets[ns.name] = ns
-        return cls(sets, folder)
+        return cls(sets, folder, others)
 
     def __getitem__(self, name: str) -> NeuronSet:
         return self._sets[name]

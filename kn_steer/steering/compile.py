@@ -62,6 +62,10 @@ def _targets(iv: Intervention, where: str, sets: Mapping[str, NeuronSet], shape:
     """(layers, indices, per-neuron factors, per-neuron values, set) of one intervention, validated."""
     if iv.set is not None:
         if iv.set not in sets:
+            other = getattr(sets, "others", {}).get(iv.set)
+            if other is not None:
+                raise SpecError(f"{where}.set: neuron set {iv.set!r} was found on model {other!r}, not on the "
+                                "model this server serves")
             known = ", ".join(sorted(sets)) or "none loaded"
             raise SpecError(f"{where}.set: unknown neuron set {iv.set!r} (known: {known})")
         ns = sets[iv.set]

@@ -120,16 +120,16 @@ def test_unsupported_architecture_serves_with_steering_disabled(tmp_path):
         shutdown(llm)
 
 
-def test_mismatched_neuron_set_refuses_to_start(tmp_path):
+def test_stale_neuron_set_refuses_to_start(tmp_path):
+    """A set that claims the served model's name but other weights is stale: start-up stops."""
     from kn_steer.errors import NeuronSetMismatch
 
     ref, config = default_ref()
-    other = type(ref)(name="other-model", path=ref.path, fingerprint="sha256:" + "0" * 32)
-    folder = write_test_sets(tmp_path / "sets", other, config,
-                             {"foreign": ([(0, 1)], {"op": "scale", "factor": 2.0})})
+    stale = type(ref)(name=ref.name, path=ref.path, fingerprint="sha256:" + "0" * 32)
+    folder = write_test_sets(tmp_path / "sets", stale, config,
+                             {"stale": ([(0, 1)], {"op": "scale", "factor": 2.0})})
     with pytest.raises(NeuronSetMismatch) as err:
         make_llm(ref.path, sets=folder, dtype="float32", max_model_len=512)
     message = str(err.value)
-    assert "refuses to start" in message and "foreign" in message and "other-model" in message
-    assert "foreign.json" in message
-    json.loads((folder / "foreign.json").read_text())  # the file itself is fine
+    assert "refuses to start" in message and "stale" in message and "stale.json" in message
+    json.loads((folder / "stale.json").read_text())  # the file itself is fine
