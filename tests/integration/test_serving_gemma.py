@@ -115,9 +115,10 @@ def test_gemma_steering_changes_text_and_isolation_holds(compiled, gemma):
 def test_gemma_prefix_cache_is_salted(compiled, gemma):
     _, _, tokenizer = gemma
     ids = _ids(tokenizer, PROMPTS[2])
+    fresh = {"interventions": [{"neurons": [[3, 5], [9, 700]], "op": "scale", "factor": 2.0}]}  # never run before
     first = _run(compiled, [ids], [SPECS["scale-all"]])[0]
     again = _run(compiled, [ids], [SPECS["scale-all"]])[0]
-    other = _run(compiled, [ids], [SPECS["clamp-prompt"]])[0]
+    other = _run(compiled, [ids], [fresh])[0]
     assert again.num_cached_tokens > 0 and other.num_cached_tokens == 0
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
 
