@@ -56,6 +56,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--betas", default="2,4,8", help="grid of factors beta")
     p.add_argument("--seeds", type=int, default=5, help="seeds per random control")
     p.add_argument("--controls", default="matched,uniform", help="random control kinds")
+    p.add_argument("--control-rules", default="total",
+                   help="rules whose chosen cell is tested against random controls (others: against unsteered)")
     p.add_argument("--batch-size", type=int, default=16)
 
 
@@ -75,7 +77,8 @@ def config_of(args: argparse.Namespace) -> ircan.IRCANConfig:
     return ircan.IRCANConfig(
         loc_n=args.loc_n, grid_n=args.grid_n, test_n=args.test_n, steps=args.steps, top_k=args.k,
         hs=[int(h) for h in args.hs.split(",")], betas=[float(b) for b in args.betas.split(",")],
-        seeds=args.seeds, controls=[c for c in args.controls.split(",") if c], batch_size=args.batch_size)
+        seeds=args.seeds, controls=[c for c in args.controls.split(",") if c],
+        control_rules=[r for r in args.control_rules.split(",") if r], batch_size=args.batch_size)
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -139,6 +142,23 @@ def plot(result: dict[str, Any], rule: str, path: Path) -> None:
     atomic_savefig(fig, path)
 
 
+def survives(test: dict[str, Any], rule: str, alpha: float = 0.05) -> bool:
+    """The set beats unsteered (McNemar p < alpha) and the mean of its matched random controls."""
+    h = ircan.headline(test, rule)
+    better = h["set"]["accuracy"] > h["unsteered"]["accuracy"] and h["mcnemar"]["p_value"] < alpha
+    return better and ("matched" not in h or h["set"]["accuracy"] > h["matched"]["accuracy"]["mean"])
+
+
+def verdict(test: dict[str, Any]) -> str:
+    kept = [r for r in RULES if survives(test, r)]
+    if not kept:
+        return "No significant gain under any scoring rule (McNemar p < 0.05 and above matched random neurons)."
+    if kept == ["total"]:
+        return ("The gain is significant under total log-probability only, not under length-normalized or "
+                "calibrated scoring: it is mostly a preference for shorter answers.")
+    return f"Significant gain (p < 0.05, above matched random neurons) under: {', '.join(kept)} scoring."
+
+
 def description(name: str, result: dict[str, Any], rule: str) -> str:
     cell = result["chosen_by_rule"][rule]
     test = result["test"][cell["result_of"]]
@@ -146,16 +166,16 @@ def description(name: str, result: dict[str, Any], rule: str) -> str:
     for r in RULES:
         h = ircan.headline(test, r)
         parts.append(f"{r} log-prob {h['unsteered']['accuracy']:.3f} -> {h['set']['accuracy']:.3f} "
-                     f"(p={h['mcnemar']['p_value']:.2g}; matched random {h['matched']['accuracy']['mean']:.3f})")
-    short = {r: test["set"]["rules"][r]["by_length"] for r in ("total", "calibrated")}
-    base = {r: test["unsteered"]["rules"][r]["by_length"] for r in ("total", "calibrated")}
+                     f"(p={h['mcnemar']['p_value']:.2g}; matched random {h['matched']['accuracy']['mean']:.3f} "
+                     f"± {h['matched']['accuracy']['sd']:.3f})")
+    base, mine = test["unsteered"]["rules"]["total"]["by_length"], test["set"]["rules"]["total"]["by_length"]
     return (f"IRCAN context-aware neurons of SmolLM2-135M-Instruct found on {name} dev "
             f"({result['config']['loc_n']} examples, m={result['config']['steps']}, top {result['config']['top_k']} per "
             f"example, the h={cell['h']} most frequent; h and beta chosen on held-out dev by {rule} log-prob); default: "
             f"scale by {cell['beta']:g}. Test accuracy ({test['n']} items): " + "; ".join(parts) +
-            f". By relative length (total log-prob): correct choice shorter {base['total']['shorter']['accuracy']:.2f} -> "
-            f"{short['total']['shorter']['accuracy']:.2f}, longer {base['total']['longer']['accuracy']:.2f} -> "
-            f"{short['total']['longer']['accuracy']:.2f}.")
+            f". By relative length (total log-prob): correct choice shorter {base['shorter']['accuracy']:.2f} -> "
+            f"{mine['shorter']['accuracy']:.2f}, longer {base['longer']['accuracy']:.2f} -> "
+            f"{mine['longer']['accuracy']:.2f}. " + verdict(test))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -169,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     setup_threads(args.threads)
     data, config = dataset_of(args), config_of(args)
+    if args.ship is not None and args.ship_rule not in config.control_rules:
+        p.error(f"--ship-rule {args.ship_rule} needs random controls: add it to --control-rules")
     out = output_path(args, f"ircan-{data.name}")
     ev = HFEvaluator(args.model, batch_size=config.batch_size, cache=default_cache("ircan"))
     log(f"IRCAN on {data.name}: localize {config.loc_n} dev items, grid, test")

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_config_args(p)
     add_common(p)
     p.add_argument("--rule", choices=RULES, default="total", help="the rule whose chosen cells transfer")
+    p.add_argument("--transfer-controls", default="matched", help="random control kinds on the other dataset")
+    p.add_argument("--combined-hs", default="10,40,80", help="grid of h for the set localized over both")
+    p.add_argument("--combined-betas", default="2,4", help="grid of beta for the set localized over both")
     args = p.parse_args(argv)
     setup_threads(args.threads)
     a, b = dataset_of(args, "a_"), dataset_of(args, "b_")
@@ -71,9 +74,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = output_path(args, "ircan-transfer")
     ev = HFEvaluator(args.model, batch_size=config.batch_size, cache=default_cache("ircan"))
     runs = {d.name: ircan.run(ev, d, config, rules=[args.rule]) for d in (a, b)}
-    transfer = [ircan.transfer(ev, runs[src.name], args.rule, dst, config) for src, dst in ((a, b), (b, a))]
+    across = config.model_copy(update={"controls": [c for c in args.transfer_controls.split(",") if c],
+                                       "control_rules": [args.rule]})
+    transfer = [ircan.transfer(ev, runs[src.name], args.rule, dst, across) for src, dst in ((a, b), (b, a))]
     log("one set over both datasets")
-    combined = ircan.run_combined(ev, [a, b], config, rules=[args.rule])
+    both = across.model_copy(update={"hs": [int(h) for h in args.combined_hs.split(",")],
+                                     "betas": [float(b) for b in args.combined_betas.split(",")]})
+    combined = ircan.run_combined(ev, [a, b], both, rules=[args.rule])
     result = {"rule": args.rule, "datasets": [a.describe(config), b.describe(config)], "transfer": transfer,
               "own": {name: {"cell": r["chosen_by_rule"][args.rule],
                              "test": r["test"][r["chosen_by_rule"][args.rule]["result_of"]]} for name, r in runs.items()},

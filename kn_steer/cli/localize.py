@@ -28,7 +28,8 @@ from kn_steer.localize.command import (
     option_name,
 )
 from kn_steer.localize.methods import METHODS, ExampleMethod, Method
-from kn_steer.models import DEFAULT_MODEL
+from kn_steer.localize.runner import RunInfo, examples_path, run_localization
+from kn_steer.models import DEFAULT_MODEL, load_hf_model, resolve_model
 
 _DEPRECATED_METHOD_FLAG = "--method"
 
@@ -132,9 +133,6 @@ def _method_parameters(method: Method) -> list[inspect.Parameter]:
 
 
 def _run(method: Method, values: dict[str, Any]) -> None:
-    from kn_steer.localize.runner import RunInfo, examples_path, run_localization
-    from kn_steer.models import load_hf_model, resolve_model
-
     common = {k: values.pop(k) for k in COMMON}
     params: BaseModel = method.parse_params(values)
     data, out = common["data"], common["out"]

@@ -59,6 +59,9 @@ class IRCANConfig(BaseModel):
     betas: list[float] = Field(default_factory=lambda: [2.0, 4.0, 8.0], description="grid of factors beta")
     seeds: int = Field(5, ge=1, description="random-control seeds per kind")
     controls: list[str] = Field(default_factory=lambda: list(CONTROL_KINDS))
+    control_rules: list[str] = Field(
+        default_factory=lambda: ["total"],
+        description="rules whose chosen cell is tested against random controls (the others: against unsteered)")
     batch_size: int = Field(16, ge=1)
 
     def method_params(self, count: int = 1, factor: float = 1.0) -> IRCANParams:
@@ -155,10 +158,12 @@ def _per_item(scores: Sequence[ItemScore]) -> list[dict[str, Any]]:
 
 
 def score_on_test(ev: HFEvaluator, encoded: Sequence[EncodedItem], neurons: Sequence[Pair], beta: float,
-                   config: IRCANConfig, progress: bool = False) -> dict[str, Any]:
-    """A set (``neurons`` x ``beta``) on test: beside unsteered, with paired tests and controls."""
+                  config: IRCANConfig, controls: bool = True, progress: bool = False) -> dict[str, Any]:
+    """A set (``neurons`` x ``beta``) on test: beside unsteered, with paired tests and (if
+    ``controls``) the config's random controls."""
     compared = compare_conditions(lambda enc, spec: ev.score(enc, spec, progress=progress), encoded,
-                                  make_spec(_scale(neurons, beta)), {}, ev.shape, config.controls, config.seeds)
+                                  make_spec(_scale(neurons, beta)), {}, ev.shape,
+                                  config.controls if controls else (), config.seeds)
     unsteered, steered = compared["unsteered"], compared["steered"]
     return {"n": len(encoded), "neurons": [list(p) for p in neurons], "beta": beta,
             "layers": layer_counts(neurons), "unsteered": summarize(unsteered), "set": summarize(steered),
@@ -177,12 +182,13 @@ def run(ev: HFEvaluator, data: ChoiceData, config: IRCANConfig, rules: Sequence[
     test_encoded = ev.encode(test_items)
     tests: dict[str, Any] = {}
     done: dict[tuple[int, float], dict[str, Any]] = {}
-    for rule in rules:
+    # cells with controls first, so a cell chosen by several rules gets them
+    for rule in sorted(rules, key=lambda r: r not in config.control_rules):
         cell = chosen_grid["chosen"][rule]
         key = (cell["h"], cell["beta"])
         if key not in done:
             done[key] = score_on_test(ev, test_encoded, ranked_neurons(results, config, cell["h"]), cell["beta"],
-                                       config)
+                                      config, controls=rule in config.control_rules)
         tests[rule] = {"h": cell["h"], "beta": cell["beta"], "result_of": f"h={key[0]} beta={key[1]}"}
     return {
         "protocol": "ircan", "dataset": data.describe(config), "model": ev.ref.name,
@@ -202,7 +208,8 @@ def transfer(ev: HFEvaluator, source: dict[str, Any], rule: str, target: ChoiceD
     cell = source["chosen_by_rule"][rule]
     chosen = source["test"][cell["result_of"]]
     _, _, test_items = target.splits(config)
-    result = score_on_test(ev, ev.encode(test_items), [tuple(p) for p in chosen["neurons"]], chosen["beta"], config)
+    result = score_on_test(ev, ev.encode(test_items), [tuple(p) for p in chosen["neurons"]], chosen["beta"], config,
+                           controls=rule in config.control_rules)
     return {"source": source["dataset"]["name"], "target": target.name, "rule": rule, "h": cell["h"],
             "beta": cell["beta"], **result}
 
@@ -220,7 +227,8 @@ def run_combined(ev: HFEvaluator, datasets: Sequence[ChoiceData], config: IRCANC
         neurons = ranked_neurons(results, config, cell["h"])
         tests[rule] = {"h": cell["h"], "beta": cell["beta"],
                        "per_dataset": {data.name: score_on_test(ev, ev.encode(data.splits(config)[2]), neurons,
-                                                                 cell["beta"], config)
+                                                                cell["beta"], config,
+                                                                controls=rule in config.control_rules)
                                        for data in datasets}}
     return {"protocol": "ircan-combined", "datasets": [d.describe(config) for d in datasets],
             "model": ev.ref.name, "model_fingerprint": ev.ref.fingerprint, "config": config.model_dump(),
@@ -229,8 +237,8 @@ def run_combined(ev: HFEvaluator, datasets: Sequence[ChoiceData], config: IRCANC
 
 def headline(test: dict[str, Any], rule: str) -> dict[str, Any]:
     """One rule's numbers of a :func:`score_on_test` result, for tables and set descriptions."""
-    out = {"unsteered": test["unsteered"]["rules"][rule], "set": test["set"]["rules"][rule],
-           "mcnemar": test["mcnemar_set_vs_unsteered"][rule]}
+    out: dict[str, Any] = {"unsteered": test["unsteered"]["rules"][rule], "set": test["set"]["rules"][rule],
+                           "mcnemar": test["mcnemar_set_vs_unsteered"][rule]}
     for kind, by_rule in test["controls"].items():
         out[kind] = {"accuracy": by_rule[rule]["accuracy"], "trap_rate": by_rule[rule]["trap_rate"],
                      "p_vs_unsteered": by_rule[rule]["p_vs_unsteered"],

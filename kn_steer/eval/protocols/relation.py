@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from kn_steer.data.pararel import LabelledPrompt, load_pararel, relation_prompts
 from kn_steer.eval.cache import ResultCache, content_key
@@ -86,8 +87,6 @@ class RelationProtocol(FolderProtocol):
         def compute() -> dict[str, list]:
             bar = None
             if self.progress:
-                from tqdm.auto import tqdm
-
                 bar = tqdm(total=len(self.corpus), desc="relation activations", unit="prompt")
             acts = last_token_activations(self.model, self.tokenizer, [c.prompt for c in self.corpus],
                                           self.config.batch_size, progress=bar.update if bar else None)

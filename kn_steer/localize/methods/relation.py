@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from kn_steer.data.pararel import (
     FACTS_PER_RELATION,
@@ -89,8 +90,6 @@ def accumulate(ctx: Context, corpus: RelationCorpus, params: RelationParams) -> 
     shape = ModelShape.from_config(ctx.model.config)
     bar = None
     if ctx.progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(corpus.prompts), desc="relation activations", unit="prompt")
     acts = last_token_activations(ctx.model, ctx.tokenizer, corpus.prompts, params.batch_size,
                                   progress=bar.update if bar is not None else None)
