@@ -39,9 +39,9 @@ def _rss_mb() -> float:
 
 
 def _load_examples(data: Path, n: int) -> list:
-    from kn_steer.data import load_ircan_examples
+    from kn_steer.localize.methods import get_method
 
-    return load_ircan_examples(data, "memotrap", limit=n)
+    return get_method("ircan").load(data, "memotrap", limit=n)
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -121,3 +121,15 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (len(order) - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def compare_paired_signed_rank(pairs: Sequence[tuple[float, float]]) -> Comparison:
+    """Wilcoxon signed-rank test on (arm, control) outcomes of the same units: for heavy-tailed
+    numeric effects (relative changes of a probability) where the paired t-test is fragile.
+    ``difference`` is the median of the paired differences."""
+    d = np.asarray([a - c for a, c in pairs], float)
+    diff = float(np.median(d)) if d.size else math.nan
+    if d.size == 0 or np.all(d == 0):
+        return Comparison("wilcoxon", 1.0 if d.size else math.nan, diff)
+    res = stats.wilcoxon(d)
+    return Comparison("wilcoxon", float(res.pvalue), diff, statistic=float(res.statistic))

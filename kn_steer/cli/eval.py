@@ -1,45 +1,85 @@
-"""``kn-steer eval``: score MemoTrap / COSE_KRE under a neuron set or spec, through either backend."""
+"""``kn-steer eval``: score MemoTrap / COSE_KRE under a neuron set or spec, beside the unsteered
+baseline, through either backend; optionally against random controls of the same dose."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from kn_steer.data import FORMATS
+from kn_steer.data import FORMATS, detect_format
 from kn_steer.errors import KnSteerError
+from kn_steer.eval.api import evaluate
+from kn_steer.eval.controls import CONTROL_KINDS
+from kn_steer.fileio import atomic_write_json
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _table(result: dict[str, Any]) -> Table:
+    steered = result["spec"] is not None
+    table = Table(title=f"{result['format']} {result['data']} ({result['n']} items, backend {result['backend']})")
+    for col in ["rule", "unsteered acc / trap"] + (["steered acc / trap", "McNemar p (won/lost)"] if steered else []):
+        table.add_column(col, justify="left" if col == "rule" else "right")
+    for kind in result.get("controls", {}):
+        table.add_column(f"{kind} random acc (mean ± sd)", justify="right")
+    base = result["unsteered"]["rules"] if steered else result["rules"]
+    for rule in base:
+        row = [rule, f"{_fmt(base[rule]['accuracy'])} / {_fmt(base[rule]['trap_rate'])}"]
+        if steered:
+            mine, test = result["rules"][rule], result["mcnemar_vs_unsteered"][rule]
+            row += [f"{_fmt(mine['accuracy'])} / {_fmt(mine['trap_rate'])}",
+                    f"{test['p_value']:.3g} ({test['items_won']}/{test['items_lost']})"]
+        for kind, by_rule in result.get("controls", {}).items():
+            acc = by_rule[rule]["accuracy"]
+            row.append(f"{acc['mean']:.3f} ± {acc['sd']:.3f}")
+        table.add_row(*row)
+    return table
 
 
 def eval_command(
-    data: Path = typer.Option(..., "--data", help="Data file (MemoTrap .jsonl or COSE_KRE .json/.jsonl)."),
-    format: str = typer.Option(..., "--format", help=f"Data format: {' | '.join(FORMATS)}."),
+    data: Path = typer.Option(..., "--data", help="Data file (MemoTrap or COSE_KRE schema; any file name)."),
+    format: Optional[str] = typer.Option(None, "--format", help=f"{' | '.join(FORMATS)} (default: from the file's fields)."),
     set_name: Optional[str] = typer.Option(None, "--set", help="Apply this neuron set with its default operation."),
     spec: Optional[str] = typer.Option(None, "--spec", help="A kn_steer spec as JSON, or @FILE holding it."),
     backend: str = typer.Option("hf", "--backend", help="hf (transformers reference) or vllm (serving path)."),
     model: str = typer.Option("smollm2-135m", "--model", help="Model name or checkpoint folder."),
-    sets_dir: Optional[Path] = typer.Option(None, "--sets-dir", help="Neuron-set folder (default: shipped sets)."),
+    sets_dir: Optional[Path] = typer.Option(
+        None, "--sets", help="Neuron-set folder (default: $KN_STEER_NEURON_SETS or neuron_sets/)."),
+    old_sets_dir: Optional[Path] = typer.Option(None, "--sets-dir", hidden=True, help="Deprecated spelling of --sets."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N items."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Items per forward (hf backend)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write summary and per-item scores as JSON."),
+    controls: list[str] = typer.Option(
+        [], "--controls", help=f"Random controls of the same size and dose: {' | '.join(CONTROL_KINDS)} (repeatable)."),
+    seeds: int = typer.Option(5, "--seeds", min=1, help="Seeds per random control."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write summaries, paired tests and per-item scores as JSON."),
 ) -> None:
-    """Score each item's choices by total log-probability; report accuracy and trap rate."""
-    from kn_steer.eval.api import evaluate
-    from kn_steer.fileio import atomic_write_json
-
+    """Score each item's choices (total, length-normalized and calibrated log-probability); report
+    accuracy and trap rate beside the unsteered baseline, with exact McNemar tests."""
+    if old_sets_dir is not None:
+        if sets_dir is not None:
+            raise KnSteerError("give --sets only (--sets-dir is its deprecated spelling)")
+        typer.secho("note: --sets-dir is deprecated; use --sets (as kn-steer serve does)", err=True, fg="yellow")
+        sets_dir = old_sets_dir
+    format = format or detect_format(data)
     if format not in FORMATS:
         raise KnSteerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if backend not in ("hf", "vllm"):
         raise KnSteerError(f"--backend must be 'hf' or 'vllm', got {backend!r}")
+    kinds = [k for item in controls for k in item.split(",") if k]
     result = evaluate(data, format, spec=spec, set_name=set_name, model=model, backend=backend,  # type: ignore[arg-type]
-                      limit=limit, sets_dir=sets_dir, batch_size=batch_size, progress=True)
-    s = result.summary
-    steering = set_name or (spec if spec else "none")
-    typer.echo(f"{result.format} {result.data} ({s['n']} items, backend {result.backend}, steering {steering})")
-    typer.echo(f"accuracy   {s['accuracy']:.4f}")
-    typer.echo(f"trap rate  {s['trap_rate']:.4f}")
+                      limit=limit, sets_dir=sets_dir, batch_size=batch_size, progress=True,
+                      controls=kinds, seeds=seeds)
+    payload = result.to_json()
+    typer.echo(f"steering: {set_name or spec or 'none'}")
+    Console(width=160).print(_table(payload))
     if out is not None:
-        atomic_write_json(out, result.to_json())
+        atomic_write_json(out, payload)
         typer.echo(f"wrote {out}")
 
 

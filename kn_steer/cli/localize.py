@@ -1,16 +1,37 @@
-"""``kn-steer localize``: find neurons with a registered method and write a neuron-set file."""
+"""``kn-steer localize METHOD``: one subcommand per method, its options generated from the method's
+parameter model; the data, model and output options are shared by all methods.
+
+``kn-steer localize ircan --help`` lists only IRCAN's options. The pre-1.0 form
+``kn-steer localize --method ircan ...`` still works and prints a deprecation note.
+"""
 
 from __future__ import annotations
 
+import inspect
 import re
 import shlex
-import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal, Optional
 
+import click
 import typer
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from typer.core import TyperGroup
 
 from kn_steer.errors import KnSteerError
-from kn_steer.models import DEFAULT_MODEL
+from kn_steer.localize.command import (
+    localize_command,
+    negative_option_name,
+    option_name,
+)
+from kn_steer.localize.methods import METHODS, ExampleMethod, Method
+from kn_steer.localize.runner import RunInfo, examples_path, run_localization
+from kn_steer.models import DEFAULT_MODEL, load_hf_model, resolve_model
+
+_DEPRECATED_METHOD_FLAG = "--method"
 
 
 def _default_name(out: Path) -> str:
@@ -18,106 +39,163 @@ def _default_name(out: Path) -> str:
     return name or "neurons"
 
 
-def _parse_params(items: list[str]) -> dict:
-    """``KEY=VALUE`` pairs; VALUE as JSON when it parses (numbers, booleans), else a string."""
-    import json
+class LocalizeGroup(TyperGroup):
+    """The ``localize`` group: accepts the deprecated ``--method NAME`` form and names the methods
+    when an unknown one is asked for."""
 
-    parsed = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise KnSteerError(f"--param {item!r}: expected KEY=VALUE")
-        try:
-            parsed[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            parsed[key.replace("-", "_")] = raw
-    return parsed
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        for i, arg in enumerate(args):
+            name = None
+            if arg == _DEPRECATED_METHOD_FLAG and i + 1 < len(args):
+                name, cut = args[i + 1], 2
+            elif arg.startswith(_DEPRECATED_METHOD_FLAG + "="):
+                name, cut = arg.split("=", 1)[1], 1
+            if name is not None:
+                del args[i:i + cut]
+                args.insert(0, name)
+                typer.secho(f"note: 'kn-steer localize --method {name}' is deprecated; "
+                            f"use 'kn-steer localize {name}'", err=True, fg="yellow")
+                break
+        return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            raise KnSteerError(f"unknown localization method {args[0]!r}; available: {', '.join(sorted(self.commands))}")
+        return super().resolve_command(ctx, args)
 
 
-def _load_examples(spec, data: Path, data_format: str, limit: int | None) -> list:
-    """Generic JSONL through the method's example model, or a dataset loader of kn_steer.data."""
-    if data_format == "jsonl":
-        return spec.load_examples(data, limit)
-    import kn_steer.data as datasets
+localize_app = typer.Typer(
+    cls=LocalizeGroup, no_args_is_help=True,
+    help="Find neurons with a localization method and write a neuron-set file.",
+)
 
-    loader = getattr(datasets, f"load_{spec.name}_examples", None)
-    if loader is None:
-        raise KnSteerError(f"--format {data_format!r} is not available for method {spec.name!r}; use jsonl")
-    examples = loader(data, data_format, limit)
-    if not examples:
-        raise KnSteerError(f"{data}: no examples")
-    return examples
+# ------------------------------------------------------------------------------ shared options
+
+
+def _common(method: Method) -> list[inspect.Parameter]:
+    formats = method.format_names
+    options: dict[str, tuple[Any, Any]] = {
+        "data": (Path, typer.Option(..., "--data", help="Examples file, or data folder (see --format).")),
+        "data_format": (Optional[Literal[formats]], typer.Option(  # type: ignore[valid-type]
+            None, "--format",
+            help=f"Data format (default {formats[0]})." + (
+                " jsonl: one example per line (see the method's docs)." if "jsonl" in formats else ""))),
+        "out": (Path, typer.Option(..., "--out", help="Neuron-set file to write, e.g. neuron_sets/NAME.json.")),
+        "model": (str, typer.Option(DEFAULT_MODEL, "--model", "-m",
+                                    help=f"{DEFAULT_MODEL!r} or a local transformers checkpoint folder.")),
+        "device": (str, typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")),
+        "dtype": (Literal["float32", "bfloat16"], typer.Option("float32", "--dtype", help="Weights dtype.")),
+        "limit": (Optional[int], typer.Option(None, "--limit", min=1, help="Use only the first N examples.")),
+        "name": (Optional[str], typer.Option(None, "--name", help="Set name (default: the output file's stem).")),
+        "description": (str, typer.Option("", "--description", help="Free text stored in the set.")),
+        "progress": (bool, typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")),
+        "step_chunk": (Optional[int], typer.Option(
+            None, "--step-chunk", min=1, help="IG steps per batched pass (lower to save memory; same result).")),
+    }
+    return [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+            for k, (ann, opt) in options.items()]
+
+
+COMMON = {p.name for p in _common(next(iter(METHODS.values())))}
+
+# ------------------------------------------------------------------------------ method options
+
+
+def _option_for(field: str, info: FieldInfo) -> tuple[Any, Any]:
+    """(annotation, typer.Option) of one parameter-model field; every value defaults to None so
+    only what the user gives reaches pydantic, which applies the model's defaults."""
+    annotation = info.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1
+    base = args[0] if optional else annotation
+    default_text = "" if info.is_required() else f" (default: {info.default})"
+    help_text = (info.description or field.replace("_", " ")) + default_text
+    required = info.is_required()
+    if typing.get_origin(base) is Literal:
+        return Optional[base], typer.Option(... if required else None, option_name(field), help=help_text)
+    if base is bool:
+        return Optional[bool], typer.Option(None, f"{option_name(field)}/{negative_option_name(field)}",
+                                            help=help_text)
+    if base not in (int, float, str):
+        raise TypeError(f"parameter {field!r}: type {annotation} has no command-line form")
+    return Optional[base], typer.Option(... if required else None, option_name(field), help=help_text)
+
+
+def _method_parameters(method: Method) -> list[inspect.Parameter]:
+    out = []
+    for field, info in method.params_model.model_fields.items():
+        if field in COMMON:
+            raise TypeError(f"method {method.name!r}: parameter {field!r} clashes with a shared option")
+        annotation, option = _option_for(field, info)
+        out.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return out
+
+
+def _run(method: Method, values: dict[str, Any]) -> None:
+    common = {k: values.pop(k) for k in COMMON}
+    params: BaseModel = method.parse_params(values)
+    data, out = common["data"], common["out"]
+    data_format = common["data_format"] or method.format_names[0]
+    if isinstance(method, ExampleMethod):
+        loaded = method.load(data, data_format, common["limit"])
+    else:
+        loaded = method.load(data, data_format, params, common["limit"])
+    ref = resolve_model(common["model"], common["dtype"])
+    hf_model, tokenizer = load_hf_model(ref, dtype=common["dtype"], device=common["device"])
+    command = localize_command(method.name, params, data, data_format, out, model=common["model"],
+                               dtype=common["dtype"], limit=common["limit"], name=common["name"])
+    neuron_set = run_localization(
+        method, params, loaded, hf_model, tokenizer, ref, out,
+        RunInfo(name=common["name"] or _default_name(out), data_file=str(data),
+                description=common["description"], command=command),
+        step_chunk=common["step_chunk"], progress=common["progress"],
+    )
+    where = f"; per-example results: {examples_path(out)}" if isinstance(method, ExampleMethod) else ""
+    typer.echo(f"wrote {out}: {len(neuron_set.neurons)} neurons from {neuron_set.provenance.examples} "
+               f"{'examples' if isinstance(method, ExampleMethod) else 'corpus prompts'} "
+               f"(layers: {neuron_set.counts_per_layer()}){where}")
+
+
+def _command(method: Method):
+    def command(**values: Any) -> None:
+        _run(method, values)
+
+    parameters = _common(method) + _method_parameters(method)
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    kind = "per-example" if isinstance(method, ExampleMethod) else "corpus"
+    command.__doc__ = (f"{method.description} ({kind} method). Resumes after an interruption."
+                       if kind == "per-example" else f"{method.description} ({kind} method).")
+    return command
+
+
+def command_for(method: Method) -> click.Command:
+    """The click command of one method (what ``kn-steer localize METHOD`` runs)."""
+    group = typer.main.get_command(localize_app)
+    return group.commands[method.name]  # type: ignore[attr-defined]
+
+
+for _method in METHODS.values():
+    localize_app.command(_method.name)(_command(_method))
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("localize")
-    def localize(
-        method: str = typer.Option(..., "--method", help="Localization method: kn or ircan (or a plugged-in one)."),
-        data: Path = typer.Option(..., "--data", help="Examples file (see --format)."),
-        data_format: str = typer.Option("jsonl", "--format",
-                                        help="jsonl (kn_steer.localize.examples) or a dataset format "
-                                             "of kn_steer.data, e.g. memotrap or kre for ircan."),
-        out: Path = typer.Option(..., "--out", help="Neuron-set file to write, e.g. neuron_sets/NAME.json."),
-        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                                  help=f"{DEFAULT_MODEL!r} or a local transformers checkpoint folder."),
-        steps: int = typer.Option(None, "--steps", help="Integrated-gradients steps m (default 20)."),
-        top_k: int = typer.Option(None, "--top-k", help="ircan: neurons kept per example (default 20)."),
-        count: int = typer.Option(None, "--count", help="ircan: neurons in the set, h (default 14)."),
-        threshold: float = typer.Option(None, "--threshold", help="kn: coarse threshold t x max (default 0.2)."),
-        p: float = typer.Option(None, "--p", help="kn: keep neurons in > p of a fact's prompts (default 0.5)."),
-        fact_fraction: float = typer.Option(None, "--fact-fraction",
-                                            help="kn: keep neurons in > this fraction of facts (default 0: union)."),
-        max_neurons: int = typer.Option(None, "--max-neurons", help="kn: cap the set size."),
-        relation: str = typer.Option(None, "--relation",
-                                     help="relation: the PARAREL relation id (e.g. P36); --data is the PARAREL folder."),
-        target_mode: str = typer.Option(None, "--target-mode", help="first (default) or sum over target tokens."),
-        first_order: bool = typer.Option(False, "--first-order",
-                                         help="Gradient x activation in one pass (an approximation)."),
-        factor: float = typer.Option(None, "--factor",
-                                     help="Default operation: scale by this factor (kn 0.0, ircan 2.0)."),
-        limit: int = typer.Option(None, "--limit", help="Use only the first N examples."),
-        name: str = typer.Option(None, "--name", help="Set name (default: the output file's stem)."),
-        description: str = typer.Option("", "--description", help="Free text stored in the set."),
-        step_chunk: int = typer.Option(None, "--step-chunk",
-                                       help="Steps per batched pass (lower to save memory; same result)."),
-        device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
-        dtype: str = typer.Option("float32", "--dtype", help="float32 (default) or bfloat16."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-        param: list[str] = typer.Option([], "--param",
-                                        help="Any method parameter as KEY=VALUE (VALUE read as JSON "
-                                             "when it parses), e.g. --param relation=P36. Repeatable."),
-    ) -> None:
-        """Score every example, select the neurons, write the set (resumes after an interruption)."""
-        from kn_steer.localize.methods import get_method
-        from kn_steer.localize.runner import RunInfo, examples_path, run_localization
-        from kn_steer.models import load_hf_model, resolve_model
+    app.add_typer(localize_app, name="localize")
 
-        spec = get_method(method)
-        if dtype not in ("float32", "bfloat16"):
-            raise KnSteerError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
-        if limit is not None and limit < 1:
-            raise KnSteerError(f"--limit must be at least 1, got {limit}")
-        given = dict(steps=steps, top_k=top_k, count=count, threshold=threshold, p=p,
-                     fact_fraction=fact_fraction, max_neurons=max_neurons, relation=relation, target_mode=target_mode,
-                     first_order=first_order or None, factor=factor)
-        given.update(_parse_params(param))
-        fields = spec.params_model.model_fields
-        unused = [k for k, v in given.items() if v is not None and k not in fields]
-        if unused:
-            flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-            raise KnSteerError(
-                f"{flags} do(es) not apply to method {spec.name!r} (its parameters: {', '.join(fields)})"
-            )
-        params = spec.parse_params(given)
-        examples = _load_examples(spec, data, data_format, limit)
-        ref = resolve_model(model, dtype)  # type: ignore[arg-type]
-        hf_model, tokenizer = load_hf_model(ref, dtype=dtype, device=device)
-        neuron_set = run_localization(
-            spec, params, examples, hf_model, tokenizer, ref, out,
-            RunInfo(name=name or _default_name(out), data_file=str(data), description=description,
-                    command=shlex.join(["kn-steer", *sys.argv[1:]])),
-            step_chunk=step_chunk, progress=progress,
-        )
-        counts = neuron_set.counts_per_layer()
-        typer.echo(f"wrote {out}: {len(neuron_set.neurons)} neurons from {len(examples)} examples "
-                   f"(layers: {dict(counts)}); per-example results: {examples_path(out)}")
+
+def parse_localize_command(command: str) -> tuple[Method, dict[str, Any]]:
+    """Parse a recorded ``kn-steer localize ...`` command with the real CLI parser: the method and
+    every option's value (raises a click error when it is not a valid invocation)."""
+    argv = shlex.split(command)
+    if argv[:2] != ["kn-steer", "localize"] or len(argv) < 3:
+        raise KnSteerError(f"not a 'kn-steer localize METHOD ...' command: {command!r}")
+    method = METHODS.get(argv[2])
+    if method is None:
+        raise KnSteerError(f"unknown localization method {argv[2]!r} in {command!r}")
+    cmd = command_for(method)
+    ctx = cmd.make_context(f"kn-steer localize {method.name}", argv[3:], resilient_parsing=False)
+    return method, dict(ctx.params)
+
+
+__all__ = ["command_for", "localize_app", "parse_localize_command", "register"]

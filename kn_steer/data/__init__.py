@@ -1,8 +1,9 @@
-"""Evaluation data loaders: every format becomes :class:`ChoiceItem` (and IRCAN examples).
+"""Evaluation data loaders: they read files and return plain items; nothing here computes.
 
 ``load_items(path, format)`` reads MemoTrap (``memotrap``) or COSE_KRE (``kre``) files as
-published; ``load_ircan_examples(path, format)`` turns the same items into IRCAN localization
-examples whose target is the context-faithful answer.
+published into :class:`ChoiceItem` lists; :mod:`kn_steer.data.pararel` reads PARAREL folders.
+Turning items into a method's examples is the method's job (e.g.
+:func:`kn_steer.localize.methods.ircan.examples_from_items`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from kn_steer.data.common import ChoiceItem
+from kn_steer.data.common import ChoiceItem, content_sha256, read_json_records
+from kn_steer.data.kre import load_kre
+from kn_steer.data.memotrap import load_memotrap
 from kn_steer.errors import DataError
 
 Format = Literal["memotrap", "kre"]
@@ -20,37 +23,23 @@ FORMATS: tuple[str, ...] = ("memotrap", "kre")
 def load_items(path: str | Path, format: str) -> list[ChoiceItem]:
     """The items of a MemoTrap or COSE_KRE file."""
     if format == "memotrap":
-        from kn_steer.data.memotrap import load_memotrap
-
         return load_memotrap(path)
     if format == "kre":
-        from kn_steer.data.kre import load_kre
-
         return load_kre(path)
     raise DataError(f"unknown data format {format!r}; known: {', '.join(FORMATS)}")
 
 
-def to_ircan_examples(items: list[ChoiceItem]) -> list:
-    """IRCAN examples: model input ``context + prompt``, baseline ``prompt``, target = faithful choice."""
-    from kn_steer.localize.examples import IRCANExample
-
-    return [
-        IRCANExample(id=item.id, context=item.context, prompt=item.question_prompt,
-                     target=item.choices[item.faithful])
-        for item in items
-    ]
-
-
-def load_ircan_examples(path: str | Path, format: str, limit: int | None = None) -> list:
-    """A MemoTrap or COSE_KRE file as :class:`kn_steer.localize.examples.IRCANExample` list.
-
-    For ``kn-steer localize --method ircan --format memotrap|kre``: the examples' full input is
-    exactly the item's scored prompt, so neurons are found on what ``kn-steer eval`` scores.
-    """
-    items = load_items(path, format)
-    if limit is not None:
-        items = items[:limit]
-    return to_ircan_examples(items)
+def detect_format(path: str | Path) -> str:
+    """The format of a multiple-choice file from its first record's fields (any file name)."""
+    for line, record in read_json_records(path):
+        if "classes" in record and "answer_index" in record:
+            return "memotrap"
+        if "negative_context" in record and "candidate" in record:
+            return "kre"
+        raise DataError(f"{path}:{line}: cannot tell the format: expected MemoTrap fields "
+                        "(prompt, classes, answer_index) or COSE_KRE fields (question, choices, answer, "
+                        "candidate, negative_context)")
+    raise DataError(f"{path}: no records")
 
 
 def shared_data_dir() -> Path:
@@ -58,5 +47,4 @@ def shared_data_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-__all__ = ["ChoiceItem", "FORMATS", "Format", "load_ircan_examples", "load_items", "shared_data_dir",
-           "to_ircan_examples"]
+__all__ = ["ChoiceItem", "FORMATS", "Format", "content_sha256", "detect_format", "load_items", "shared_data_dir"]

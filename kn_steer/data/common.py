@@ -8,13 +8,19 @@ IRCAN localization (path from the prompt without context to the prompt with cont
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from kn_steer.errors import DataError
-from kn_steer.fileio import read_jsonl
+from kn_steer.fileio import read_jsonl, sha256_file
+
+#: The neutral premise of calibrated scoring (:mod:`kn_steer.eval.scoring`): a bare answer cue that
+#: says nothing about the question, so ``log P(choice | NEUTRAL_PROMPT)`` measures what the model
+#: thinks of the choice on its own (its length, its prior frequency).
+NEUTRAL_PROMPT = "Answer:"
 
 
 @dataclass(frozen=True)
@@ -97,3 +103,17 @@ def field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], path: P
         want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise DataError(f"{_where(path, line)}: field {name!r} should be {want}, got {type(value).__name__}")
     return value
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a data file, or of a folder's files (relative names and contents, sorted): what a
+    result computed from ``path`` depends on."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise DataError(f"no data file or folder at {path}")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}:{sha256_file(file)}\n".encode())
+    return digest.hexdigest()

@@ -9,15 +9,20 @@ stripped; the target is the object with a leading space (``" Paris"``), so promp
 sentence a causal LM would write. Patterns where ``[Y]`` is not at the end (only spaces and
 punctuation may follow it) cannot be scored as a next-token prediction and are **skipped**; they
 are listed in :attr:`Relation.skipped_patterns`.
+
+Facts are split into ``train`` and ``test`` by a hash of the fact (:func:`fact_split`), the same
+split everywhere: relation neurons are found on train prompts and evaluated on test prompts.
+:func:`relation_prompts` lays out a labelled prompt corpus over several relations.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 from kn_steer.errors import DataError
 from kn_steer.fileio import read_jsonl
@@ -136,3 +141,62 @@ def load_pararel(folder: str | os.PathLike, relations: Sequence[str] | None = No
     if missing:
         raise DataError(f"{folder}: no PARAREL relation {', '.join(missing)} (have {', '.join(available)})")
     return {r: load_relation(folder, r) for r in wanted}
+
+
+
+# ---------------------------------------------------------------------------- labelled corpus
+
+#: Defaults of the corpus the relation method localizes on (train split).
+FACTS_PER_RELATION = 20
+PROMPTS_PER_FACT = 3
+
+Split = Literal["train", "test", "all"]
+
+
+def fact_split(relation: str, fact_id: str) -> str:
+    """``train`` or ``test``: a stable hash split (half and half), the same in every script."""
+    digest = hashlib.sha256(f"{relation}:{fact_id}".encode("utf-8")).digest()
+    return "train" if digest[0] % 2 == 0 else "test"
+
+
+def _fact_order(relation: str, fact_id: str) -> bytes:
+    return hashlib.sha256(f"order:{relation}:{fact_id}".encode("utf-8")).digest()
+
+
+@dataclass(frozen=True)
+class LabelledPrompt:
+    """A fact prompt labelled with its relation (and its fact, so a fact's prompts can be grouped)."""
+
+    relation: str
+    prompt: str
+    target: str
+    fact: str
+
+
+def relation_prompts(
+    relations: Mapping[str, Relation],
+    split: Split = "train",
+    facts_per_relation: int | None = FACTS_PER_RELATION,
+    prompts_per_fact: int | None = PROMPTS_PER_FACT,
+) -> list[LabelledPrompt]:
+    """Prompts of each relation's facts in ``split``, in a stable hashed order.
+
+    Fact ``k`` of a relation uses ``prompts_per_fact`` of its usable patterns starting at pattern
+    ``k mod P``, so every pattern is represented even when a fact gets fewer prompts than there
+    are patterns. None: every fact / every pattern.
+    """
+    out: list[LabelledPrompt] = []
+    for rid, rel in relations.items():
+        prefixes = rel.prefixes
+        if not prefixes:
+            continue
+        facts = [f for f in rel.facts if split == "all" or fact_split(rid, f.uuid or f.subject) == split]
+        facts.sort(key=lambda f: _fact_order(rid, f.uuid or f.subject))
+        if facts_per_relation is not None:
+            facts = facts[:facts_per_relation]
+        per_fact = len(prefixes) if prompts_per_fact is None else min(prompts_per_fact, len(prefixes))
+        for k, fact in enumerate(facts):
+            example = rel.prompts_for(fact)
+            for j in range(per_fact):
+                out.append(LabelledPrompt(rid, example.prompts[(k + j) % len(prefixes)], example.target, example.key))
+    return out

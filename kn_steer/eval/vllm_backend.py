@@ -17,9 +17,15 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from transformers import AutoConfig
+
 from kn_steer.data import ChoiceItem
 from kn_steer.errors import KnSteerError
 from kn_steer.eval.scoring import EncodedItem, ItemScore, encode_items
+from kn_steer.models import resolve_model
+from kn_steer.models.families import ModelShape
+from kn_steer.sets.format import model_identity
+from kn_steer.sets.registry import ENV_VAR, NeuronSetRegistry
 from kn_steer.steering.spec import SteeringSpec
 
 
@@ -33,12 +39,14 @@ class VLLMEvaluator:
             import vllm
         except ImportError as exc:
             raise KnSteerError("the vllm backend needs vLLM: pip install 'kn-steer[cpu]' (or [gpu])") from exc
-        from kn_steer.models import resolve_model
-        from kn_steer.sets.registry import ENV_VAR
 
         if sets_dir is not None:  # read by the plugin in every engine process
             os.environ[ENV_VAR] = str(Path(sets_dir).resolve())
         self.ref = resolve_model(model)
+        self.sets_dir = sets_dir
+        config = AutoConfig.from_pretrained(self.ref.path)
+        self.shape = ModelShape.from_config(config)
+        self.identity = model_identity(self.ref, config)
         if llm is not None:
             self.llm = llm
             self.tokenizer = llm.get_tokenizer()
@@ -49,8 +57,14 @@ class VLLMEvaluator:
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
+    @property
+    def sets(self) -> Mapping[str, Any]:
+        """The sets the plugin serves (the same folder), for random controls copying a set's dose."""
+        return NeuronSetRegistry.load(self.sets_dir, self.identity)
+
     def score(self, items: Sequence[ChoiceItem] | Sequence[EncodedItem],
-              spec: SteeringSpec | Mapping[str, Any] | None = None) -> list[ItemScore]:
+              spec: SteeringSpec | Mapping[str, Any] | None = None, calibrate: bool = True) -> list[ItemScore]:
+        """Scores as :func:`kn_steer.eval.scoring.score_hf` computes them, through the server path."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -64,18 +78,16 @@ class VLLMEvaluator:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra)
         prompts, where = [], []
         for k, enc in enumerate(encoded):
-            for c, choice in enumerate(enc.choice_ids):
-                prompts.append(TokensPrompt(prompt_token_ids=list(enc.prompt_ids) + list(choice)))
-                where.append((k, c))
+            heads = [enc.prompt_ids] + ([enc.neutral_ids] if calibrate else [])
+            for h, head in enumerate(heads):
+                for c, choice in enumerate(enc.choice_ids):
+                    prompts.append(TokensPrompt(prompt_token_ids=list(head) + list(choice)))
+                    where.append((k, h, c, len(head)))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        totals: list[list[float]] = [[0.0] * len(e.choice_ids) for e in encoded]
-        for (k, c), out in zip(where, outputs):
-            enc = encoded[k]
-            start = len(enc.prompt_ids)
-            ids = list(enc.prompt_ids) + list(enc.choice_ids[c])
-            total = 0.0
-            for pos in range(start, len(ids)):
-                entry = out.prompt_logprobs[pos]
-                total += entry[ids[pos]].logprob
-            totals[k][c] = total
-        return [ItemScore(e.item.id, tuple(t), e.item.faithful, e.item.trap) for e, t in zip(encoded, totals)]
+        totals = [[[0.0] * len(e.choice_ids) for _ in range(2)] for e in encoded]
+        for (k, h, c, start), out in zip(where, outputs):
+            ids = out.prompt_token_ids
+            totals[k][h][c] = sum(out.prompt_logprobs[pos][ids[pos]].logprob for pos in range(start, len(ids)))
+        return [ItemScore(e.item.id, tuple(t[0]), e.item.faithful, e.item.trap,
+                          tuple(len(c) for c in e.choice_ids), tuple(t[1]) if calibrate else None)
+                for e, t in zip(encoded, totals)]

@@ -3,9 +3,11 @@
 * :mod:`~kn_steer.localize.engine` — ``attribute`` / ``attribute_ids``: integrated gradients of
   every neuron of every layer in one batched forward/backward over the last prompt position
   (exact: equals the per-layer reference up to float rounding).
-* :mod:`~kn_steer.localize.examples` — ``KNExample``, ``IRCANExample`` and their JSONL loaders.
-* :mod:`~kn_steer.localize.methods` — the method registry (``kn``, ``ircan``; others plug in).
-* :mod:`~kn_steer.localize.runner` — resumable runs writing a neuron-set file.
+* :mod:`~kn_steer.localize.recorder` — activations read back at each prompt's last token.
+* :mod:`~kn_steer.localize.ranking` — average precision of every neuron as a label detector.
+* :mod:`~kn_steer.localize.methods` — the methods (``kn``, ``ircan``: per-example; ``relation``:
+  corpus), registered explicitly.
+* :mod:`~kn_steer.localize.runner` — runs writing a neuron-set file (per-example ones resumable).
 
 First-order mode (``first_order=True``) is gradient x (a - a') at the actual activation, one
 forward and one backward for all layers: an APPROXIMATION of integrated gradients (it equals IG
@@ -22,23 +24,30 @@ from kn_steer.localize.engine import (
     encode_prompt,
     encode_target,
 )
-from kn_steer.localize.examples import IRCANExample, KNExample, load_examples
+from kn_steer.localize.examples import Example, load_examples
 from kn_steer.localize.methods import (
+    METHODS,
     Context,
+    CorpusMethod,
+    CorpusStats,
+    ExampleMethod,
     ExampleResult,
-    MethodSpec,
+    Method,
     ScoredNeuron,
     Selection,
     available_methods,
     get_method,
-    register_method,
 )
-from kn_steer.localize.runner import RunInfo, run_localization
+from kn_steer.localize.methods.ircan import IRCANExample, IRCANParams
+from kn_steer.localize.methods.kn import KNExample, KNParams
+from kn_steer.localize.methods.relation import RelationCorpus, RelationParams
+from kn_steer.localize.runner import RunInfo, run_localization, score_examples
 
 __all__ = [
     "Attribution", "attribute", "attribute_ids", "encode_prompt", "encode_target",
-    "IRCANExample", "KNExample", "load_examples",
-    "Context", "ExampleResult", "MethodSpec", "ScoredNeuron", "Selection",
-    "available_methods", "get_method", "register_method",
-    "RunInfo", "run_localization",
+    "Example", "load_examples",
+    "METHODS", "Context", "CorpusMethod", "CorpusStats", "ExampleMethod", "ExampleResult", "Method",
+    "ScoredNeuron", "Selection", "available_methods", "get_method",
+    "IRCANExample", "IRCANParams", "KNExample", "KNParams", "RelationCorpus", "RelationParams",
+    "RunInfo", "run_localization", "score_examples",
 ]

@@ -1,21 +1,9 @@
-"""The example models the localization methods consume, and their generic JSONL files.
+"""Examples of per-example methods: the common base model and its generic JSONL reader.
 
-One example per line. Knowledge neurons (Dai et al.)::
-
-    {"id": "P36-Paris", "prompts": ["The capital of France is", "France's capital city is"], "target": " Paris"}
-
-IRCAN (context-aware neurons)::
-
-    {"id": "memotrap-0", "context": "Write a quote that ends in the word \\"kings\\": ",
-     "prompt": "No man can serve two", "target": " kings"}
-
-For IRCAN the model input is exactly ``context + prompt`` (no separator is inserted: put any
-separator at the end of ``context``, as for MemoTrap where the context is the instruction up to and
-including the last ``": "``); the context-free baseline input is ``prompt`` alone. Dataset loaders
-(``kn_steer.data``) convert benchmark files into these models.
-
-``id`` is optional; a missing one becomes ``<file name>:<line>``. Ids must be unique in a file
-because resumable runs key finished examples by id.
+One example per line, validated by the method's example model (e.g.
+:class:`kn_steer.localize.methods.kn.KNExample`). ``id`` is optional; a missing one becomes
+``<file name>:<line>``. Ids must be unique in a file because resumable runs key finished
+examples by id.
 """
 
 from __future__ import annotations
@@ -24,13 +12,16 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kn_steer.errors import DataError
 from kn_steer.fileio import read_jsonl
+from kn_steer.tokens import continuation_ids
 
 
-class _Example(BaseModel):
+class Example(BaseModel):
+    """What every example has: an id, the target text and free-form metadata."""
+
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = None
@@ -42,35 +33,11 @@ class _Example(BaseModel):
         return json.dumps(self.model_dump(exclude={"meta"}), sort_keys=True, ensure_ascii=False)
 
 
-class KNExample(_Example):
-    """One fact: paraphrased prompts that should all be completed by ``target``."""
-
-    prompts: list[str] = Field(min_length=1)
-
-    @field_validator("prompts")
-    @classmethod
-    def _non_empty(cls, prompts: list[str]) -> list[str]:
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-        return prompts
+E = TypeVar("E", bound=Example)
 
 
-class IRCANExample(_Example):
-    """A context, a question/prompt, and the context-faithful answer."""
-
-    context: str = Field(min_length=1)
-    prompt: str = Field(min_length=1)
-
-    @property
-    def full_prompt(self) -> str:
-        return self.context + self.prompt
-
-
-E = TypeVar("E", bound=_Example)
-
-
-def _describe(exc: ValidationError) -> str:
+def describe_validation(exc: ValidationError) -> str:
+    """A pydantic error as short 'missing field / unknown field / field: message' phrases."""
     parts = []
     for err in exc.errors():
         field = ".".join(str(x) for x in err["loc"]) or "(line)"
@@ -92,7 +59,7 @@ def load_examples(path: str | Path, model: type[E], limit: int | None = None) ->
         try:
             example = model.model_validate(raw)
         except ValidationError as exc:
-            raise DataError(f"{path}:{number}: {_describe(exc)}") from exc
+            raise DataError(f"{path}:{number}: {describe_validation(exc)}") from exc
         if example.id is None:
             example.id = f"{path.name}:{number}"
         if example.id in seen:
@@ -106,17 +73,11 @@ def load_examples(path: str | Path, model: type[E], limit: int | None = None) ->
     return examples
 
 
-def check_targets(examples: Iterable[_Example], tokenizer: Any, source: str = "") -> None:
+def check_targets(examples: Iterable[Example], tokenizer: Any, source: str = "") -> None:
     """Every target must tokenize to at least one token (checked before any compute)."""
     for ex in examples:
-        if not tokenizer(ex.target, add_special_tokens=False)["input_ids"]:  # = kn_steer.tokens.continuation_ids
+        try:
+            continuation_ids(tokenizer, ex.target)
+        except DataError:
             where = f"{source}: " if source else ""
-            raise DataError(f"{where}example {ex.id!r}: target {ex.target!r} tokenizes to no token")
-
-
-def load_kn_examples(path: str | Path, limit: int | None = None) -> list[KNExample]:
-    return load_examples(path, KNExample, limit)
-
-
-def load_ircan_examples(path: str | Path, limit: int | None = None) -> list[IRCANExample]:
-    return load_examples(path, IRCANExample, limit)
+            raise DataError(f"{where}example {ex.id!r}: target {ex.target!r} tokenizes to no token") from None

@@ -1,13 +1,16 @@
-"""Resumable localization runs: per-example results are checkpointed, the set written atomically.
+"""Localization runs: a method over its data, written as a neuron-set file with provenance.
 
-While running, each finished example is appended to ``OUT.partial.jsonl`` (next to the output
-``OUT.json``) and flushed + fsynced, so an interruption loses at most the example in progress.
-The first line is a header with the method, the parameters that affect per-example results, and
-the model fingerprint; a checkpoint whose header differs is refused with a message (delete it or
-rerun with the same settings). Each result line carries the example id and a hash of the
-example's content, so a changed example is recomputed. On success the neuron set is written
-atomically to ``OUT.json`` and the checkpoint is renamed to ``OUT.examples.jsonl``: the
-per-example results (for ``kn`` the per-fact neuron sets) stay available for inspection.
+Per-example methods are resumable: each finished example is appended to ``OUT.partial.jsonl``
+(next to the output ``OUT.json``) and flushed + fsynced, so an interruption loses at most the
+example in progress. The first line is a header with the method, the parameters that affect
+per-example results, and the model fingerprint; a checkpoint whose header differs is refused with
+a message (delete it or rerun with the same settings). Each result line carries the example id
+and a hash of the example's content, so a changed example is recomputed. On success the set is
+written atomically to ``OUT.json`` and the checkpoint is renamed to ``OUT.examples.jsonl``: the
+per-example results stay available for inspection, and a later run with the same method, model
+and per-example parameters (say another ``--count``) reuses them.
+
+Corpus methods run in one pass (accumulate, then select).
 """
 
 from __future__ import annotations
@@ -15,16 +18,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from pydantic import BaseModel
+from tqdm.auto import tqdm
 
+from kn_steer.data.common import content_sha256
 from kn_steer.errors import KnSteerError
-from kn_steer.fileio import sha256_file
 from kn_steer.localize.examples import check_targets
-from kn_steer.localize.methods import Context, ExampleResult, MethodSpec, get_method
+from kn_steer.localize.methods import (
+    Context,
+    ExampleMethod,
+    ExampleResult,
+    Method,
+    Selection,
+    get_method,
+)
 from kn_steer.sets.format import MethodInfo, NeuronSet, Provenance, model_identity
 
 CHECKPOINT_VERSION = 1
@@ -44,13 +55,22 @@ def example_hash(example: Any) -> str:
     return hashlib.sha256(example.key_text().encode("utf-8")).hexdigest()[:16]
 
 
-def _header(method: MethodSpec, params: BaseModel, fingerprint: str) -> dict[str, Any]:
+def checkpoint_header(method: ExampleMethod, params: BaseModel, fingerprint: str) -> dict[str, Any]:
+    """What per-example results depend on: method, model and the method's checkpoint parameters."""
     dumped = params.model_dump()
     return {
         "kind": "kn-steer/localize-checkpoint", "version": CHECKPOINT_VERSION,
         "method": method.name, "fingerprint": fingerprint,
         "params": {k: dumped[k] for k in method.checkpoint_params},
     }
+
+
+def _read_header(path: Path) -> Any:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.loads(handle.readline())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 class Checkpoint:
@@ -113,6 +133,39 @@ def _summary(header: Any) -> str:
     return f"method {header.get('method')!r}, model {header.get('fingerprint')}, params {header.get('params')}"
 
 
+def score_examples(
+    method: ExampleMethod,
+    params: BaseModel,
+    examples: Sequence[Any],
+    ctx: Context,
+    fingerprint: str,
+    checkpoint: str | os.PathLike,
+    source: str = "",
+) -> tuple[list[ExampleResult], int]:
+    """Every example's result, in order, computed or read back from ``checkpoint``; and how many
+    were read back. Protocols call this with a checkpoint of their own (never renamed)."""
+    check_targets(examples, ctx.tokenizer, source)
+    ids = [ex.id if ex.id is not None else f"#{i + 1}" for i, ex in enumerate(examples)]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise KnSteerError(f"example id {dup!r} occurs more than once in {source or 'the data'}")
+    store = Checkpoint(Path(checkpoint), checkpoint_header(method, params, fingerprint))
+    results: list[ExampleResult] = []
+    reused = 0
+    bar = tqdm(list(zip(ids, examples)), desc=f"localize {method.name}", unit="ex", disable=not ctx.progress)
+    for example_id, example in bar:
+        digest = example_hash(example)
+        result = store.get(example_id, digest)
+        if result is None:
+            result = method.score(ctx, example, params)
+            store.add(example_id, digest, result)
+        else:
+            reused += 1
+        results.append(result)
+    bar.close()
+    return results, reused
+
+
 @dataclass
 class RunInfo:
     """Where the data came from and what to call the result."""
@@ -121,12 +174,13 @@ class RunInfo:
     data_file: str | None = None
     description: str = ""
     command: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # measured effects, added to the set's metrics
 
 
 def run_localization(
-    method: str | MethodSpec,
+    method: str | Method,
     params: BaseModel,
-    examples: Sequence[Any],
+    data: Any,
     model: Any,
     tokenizer: Any,
     model_ref: Any,
@@ -135,47 +189,44 @@ def run_localization(
     *,
     step_chunk: int | None = None,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> NeuronSet:
-    """Score every example (resuming from the checkpoint), select, and write the neuron set."""
+    """Run ``method`` on ``data`` (a list of examples, or a corpus), select, write the set.
+
+    ``checkpoint``: a per-example checkpoint of the caller's own (a protocol's) to read and extend;
+    it is left where it is. By default the checkpoint lives next to ``out`` (see module doc)."""
     spec = get_method(method) if isinstance(method, str) else method
     out = Path(out)
     if out.suffix != ".json":
         raise KnSteerError(f"output {out} must be a .json file")
-    check_targets(examples, tokenizer, info.data_file or "")
-    identity = model_identity(model_ref, model.config)
-    checkpoint = Checkpoint(checkpoint_path(out), _header(spec, params, model_ref.fingerprint))
-    ctx = Context(model=model, tokenizer=tokenizer, step_chunk=step_chunk)
-    results: list[ExampleResult] = []
-    from tqdm.auto import tqdm
-
-    ids = [ex.id if ex.id is not None else f"#{i + 1}" for i, ex in enumerate(examples)]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise KnSteerError(f"example id {dup!r} occurs more than once in {info.data_file or 'the data'}")
-    bar = tqdm(list(zip(ids, examples)), desc=f"localize {spec.name}", unit="ex", disable=not progress)
-    reused = 0
-    for example_id, example in bar:
-        digest = example_hash(example)
-        result = checkpoint.get(example_id, digest)
-        if result is None:
-            result = spec.score_example(ctx, example, params)
-            checkpoint.add(example_id, digest, result)
-        else:
-            reused += 1
-        results.append(result)
-    bar.close()
-    selection = spec.select(results, params)
+    ctx = Context(model=model, tokenizer=tokenizer, step_chunk=step_chunk, progress=progress)
+    metrics: dict[str, Any] = {}
+    if isinstance(spec, ExampleMethod):
+        partial = Path(checkpoint) if checkpoint is not None else checkpoint_path(out)
+        finished = examples_path(out)
+        header = checkpoint_header(spec, params, model_ref.fingerprint)
+        if checkpoint is None and not partial.exists() and finished.exists() and _read_header(finished) == header:
+            os.replace(finished, partial)  # the same per-example results: re-select from them
+        results, reused = score_examples(spec, params, data, ctx, model_ref.fingerprint, partial,
+                                         info.data_file or "")
+        selection: Selection = spec.select(results, params)
+        metrics["resumed_examples"] = reused
+        count = len(data)
+    else:
+        selection = spec.select(spec.accumulate(ctx, data, params), params)
+        count = len(data.prompts)
     neuron_set = NeuronSet(
         name=info.name, description=info.description or f"{spec.description} on {info.data_file}",
-        model=identity, method=MethodInfo(name=spec.name, params=params.model_dump()),
+        model=model_identity(model_ref, model.config), method=MethodInfo(name=spec.name, params=params.model_dump()),
         operation=selection.operation, neurons=selection.neurons,
         provenance=Provenance(
             data_file=info.data_file,
-            data_sha256=sha256_file(info.data_file) if info.data_file and Path(info.data_file).is_file() else None,
-            examples=len(examples), command=info.command,
+            data_sha256=content_sha256(info.data_file) if info.data_file and Path(info.data_file).exists() else None,
+            examples=count, command=info.command,
         ),
-        metrics={**selection.metrics, "resumed_examples": reused},
+        metrics={**selection.metrics, **metrics, **info.metrics},
     )
     neuron_set.save(out)
-    os.replace(checkpoint.path, examples_path(out))
+    if isinstance(spec, ExampleMethod) and checkpoint is None:
+        os.replace(checkpoint_path(out), examples_path(out))
     return neuron_set

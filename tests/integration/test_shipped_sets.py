@@ -42,3 +42,29 @@ def test_shipped_folder_loads_as_one_registry(identity_and_shape):
     identity, _ = identity_and_shape
     registry = NeuronSetRegistry.load(SETS, identity)
     assert sorted(registry) == sorted(NeuronSet.load(p).name for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_set_is_made_by_the_library(path):
+    """``method.params`` validates against the method's parameter model, and
+    ``provenance.command`` is a real ``kn-steer localize`` invocation giving exactly those
+    parameters (a full rerun is too slow for CI; see the README for one that was compared)."""
+    from helpers.paths import ROOT
+
+    from kn_steer.cli.localize import parse_localize_command
+    from kn_steer.data.common import content_sha256
+    from kn_steer.localize.methods import get_method
+
+    ns = NeuronSet.load(path)
+    method = get_method(ns.method.name)
+    params = method.params_model.model_validate(ns.method.params)  # extra fields are refused
+    assert params.model_dump() == ns.method.params
+    parsed, values = parse_localize_command(ns.provenance.command)
+    assert parsed is method
+    given = {k: v for k, v in values.items() if k in method.params_model.model_fields}
+    assert method.parse_params(given) == params
+    assert values["name"] == ns.name and str(values["out"]) == f"neuron_sets/{path.name}"
+    assert len(ns.neurons) == getattr(params, "count", len(ns.neurons))
+    data = ROOT / values["data"]
+    if data.exists():  # the shared data is not part of the repository
+        assert content_sha256(data) == ns.provenance.data_sha256

@@ -124,15 +124,18 @@ def test_unknown_format_and_missing_file(tmp_path):
         load_items(tmp_path / "absent.jsonl", "memotrap")
 
 
-@needs_data
-@pytest.mark.parametrize("fmt, name", [("memotrap", "memotrap/dev.jsonl"), ("kre", "kre/cose_dev.json")])
-def test_ircan_examples_rebuild_the_scored_prompt(fmt, name):
-    from kn_steer.data import load_ircan_examples
 
-    items = load_items(DATA / name, fmt)[:5]
-    examples = load_ircan_examples(DATA / name, fmt, limit=5)
-    assert len(examples) == 5
-    for item, ex in zip(items, examples):
-        assert ex.full_prompt == item.prompt  # what localization sees is what eval scores
-        assert ex.prompt == item.question_prompt and ex.target == item.choices[item.faithful]
-        assert ex.id == item.id
+def test_format_is_detected_from_fields_not_names(tmp_path):
+    from kn_steer.data import detect_format
+
+    memo = tmp_path / "anything.txt"
+    memo.write_text(json.dumps({"prompt": "Write a quote: Penny wise, pound", "classes": "[' foolish.', ' wise.']",
+                                "answer_index": 1}) + "\n")
+    kre = tmp_path / "other.json"
+    kre.write_text(json.dumps([{"question": "q?", "choices": ["a", "b"], "answer": "A", "candidate": "B",
+                                "negative_context": "c"}]))
+    assert detect_format(memo) == "memotrap" and detect_format(kre) == "kre"
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"odd\.jsonl:1: cannot tell the format"):
+        detect_format(odd)

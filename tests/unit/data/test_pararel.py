@@ -72,3 +72,24 @@ def test_bad_lines_name_file_line_field(tmp_path: Path) -> None:
     _write(tmp_path, "P5", [good_pattern], [good_fact])
     ex = load_relation(tmp_path, "P5").examples()[0]
     assert ex.prompts == ("The capital of France is",) and ex.target == " Paris"
+
+
+def test_fact_split_and_labelled_corpus(tmp_path: Path) -> None:
+    from kn_steer.data.pararel import fact_split, relation_prompts
+
+    (tmp_path / "patterns").mkdir()
+    (tmp_path / "facts").mkdir()
+    patterns = ["The capital of [X] is [Y].", "[X]'s capital is [Y].", "[Y] is the capital of [X]."]
+    (tmp_path / "patterns" / "P36.jsonl").write_text("".join(json.dumps({"pattern": p}) + "\n" for p in patterns))
+    facts = [(f"Country{i}", f"City{i}") for i in range(40)]
+    (tmp_path / "facts" / "P36.jsonl").write_text(
+        "".join(json.dumps({"sub_label": s, "obj_label": o, "uuid": f"u{i}"}) + "\n" for i, (s, o) in enumerate(facts)))
+    relations = load_pararel(tmp_path)
+    train = relation_prompts(relations, "train", facts_per_relation=5, prompts_per_fact=2)
+    test = relation_prompts(relations, "test", facts_per_relation=None, prompts_per_fact=1)
+    assert len(train) == 10 and {p.relation for p in train} == {"P36"}
+    assert not {p.fact for p in train} & {p.fact for p in test}  # the split never mixes a fact
+    assert all(fact_split("P36", p.fact.split(":", 1)[1]) == "test" for p in test)
+    assert {p.prompt.split(" ")[0] for p in train} >= {"The"}  # the usable patterns rotate over facts
+    assert len({p.prompt for p in train}) == 10 and all(p.target.startswith(" City") for p in train)
+    assert relation_prompts(relations, "train", 5, 2) == train  # stable order

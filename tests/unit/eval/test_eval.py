@@ -10,8 +10,9 @@ import torch
 from helpers.paths import DATA, SETS
 from kn_steer.data import load_items
 from kn_steer.errors import KnSteerError, SpecError
-from kn_steer.eval.api import make_spec, summarize
+from kn_steer.eval.api import make_spec
 from kn_steer.eval.scoring import encode_items, score_hf
+from kn_steer.eval.summary import summarize
 from kn_steer.models.families import ModelShape
 from kn_steer.steering.compile import compile_spec
 
@@ -27,16 +28,18 @@ def _kre(n: int):
     return load_items(DATA / "kre" / "cose_test.json", "kre")[:n]
 
 
-def _separate_oracle(model, encoded):
-    """Each prompt + continuation as its own full forward: the definition the packing must meet."""
+def _separate_oracle(model, encoded, neutral=False):
+    """Each prompt (or the neutral premise) + continuation as its own full forward: the definition
+    the packing must meet."""
     totals = []
     with torch.no_grad():
         for enc in encoded:
+            head = enc.neutral_ids if neutral else enc.prompt_ids
             row = []
             for choice in enc.choice_ids:
-                ids = torch.tensor([list(enc.prompt_ids) + list(choice)])
+                ids = torch.tensor([list(head) + list(choice)])
                 logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-                p = len(enc.prompt_ids)
+                p = len(head)
                 row.append(sum(float(logp[p - 1 + k, t]) for k, t in enumerate(choice)))
             totals.append(row)
     return totals
@@ -48,9 +51,12 @@ def test_packed_scoring_equals_separate_forwards(default_hf):
     encoded = encode_items(tok, _memotrap(3) + _kre(2))
     scores = score_hf(model, tok, encoded, batch_size=5)
     oracle = _separate_oracle(model, encoded)
-    for score, expected in zip(scores, oracle):
+    neutral = _separate_oracle(model, encoded, neutral=True)
+    for score, expected, premise, enc in zip(scores, oracle, neutral, encoded):
         assert len(score.logprobs) == len(expected)
         assert score.logprobs == pytest.approx(expected, abs=2e-4)
+        assert score.neutral == pytest.approx(premise, abs=2e-4)
+        assert score.lengths == tuple(len(c) for c in enc.choice_ids)
 
 
 @needs_data
@@ -66,6 +72,12 @@ def test_accuracy_is_the_same_for_every_batch_size(default_hf):
     summary = summarize(runs[8])
     assert summary["n"] == 8
     assert summary["accuracy"] + summary["trap_rate"] == pytest.approx(1.0)  # two choices each
+    for rule in ("total", "mean", "calibrated"):
+        by_rule = summary["rules"][rule]
+        assert by_rule["accuracy"] + by_rule["trap_rate"] == pytest.approx(1.0)
+        groups = by_rule["by_length"]
+        assert sum(g["n"] for g in groups.values()) == 8
+        assert sum(g["n"] * g["accuracy"] for g in groups.values() if g["n"]) == pytest.approx(8 * by_rule["accuracy"])
     # the model is not at chance and not perfect on these items (it falls for some traps)
     assert 0 < summary["accuracy"] < 1
 
@@ -115,14 +127,19 @@ def test_cli_eval_writes_results(tmp_path):
     from kn_steer.cli import app
 
     out = tmp_path / "r.json"
-    spec = '{"interventions": [{"neurons": [[20, 5], [25, 7]], "op": "scale", "factor": 3}]}'
-    result = CliRunner().invoke(app, ["eval", "--data", str(DATA / "memotrap" / "test.jsonl"),
-                                      "--format", "memotrap", "--spec", spec, "--limit", "3", "--out", str(out)])
+    spec = '{"interventions": [{"neurons": [[20, 5], [25, 7], [29, 11]], "op": "scale", "factor": 3}]}'
+    result = CliRunner().invoke(app, ["eval", "--data", str(DATA / "memotrap" / "test.jsonl"), "--spec", spec,
+                                      "--limit", "3", "--controls", "matched", "--seeds", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "accuracy" in result.output
+    assert "unsteered" in result.output and "McNemar" in result.output and "calibrated" in result.output
     written = json.loads(out.read_text())
     assert written["n"] == 3 and len(written["items"]) == 3 and written["backend"] == "hf"
+    assert written["format"] == "memotrap"  # detected from the file's fields
     assert written["spec"]["interventions"][0]["factor"] == 3
+    assert len(written["unsteered"]["items"]) == 3 and set(written["mcnemar_vs_unsteered"]) == {"total", "mean", "calibrated"}
+    assert set(written["items"][0]["correct"]) == {"total", "mean", "calibrated"}
+    matched = written["controls"]["matched"]["total"]
+    assert len(matched["per_seed"]) == 2 and len(matched["p_vs_unsteered"]) == 2
 
 
 def test_cli_eval_rejects_bad_format(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kn_steer.localize.relation import average_precision
+from kn_steer.localize.ranking import average_precision, label_ap
 
 
 def slow_ap(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -40,3 +40,13 @@ def test_perfect_and_reversed_scorers() -> None:
     ap = average_precision(scores, labels)
     assert float(ap[0]) == 1.0
     assert float(ap[1]) < 0.5
+
+
+def test_one_sort_serves_every_label() -> None:
+    rng = np.random.default_rng(1)
+    scores = torch.tensor(rng.normal(size=(30, 12)), dtype=torch.float32)
+    labels = [("a", "b", "c")[i % 3] for i in range(30)]
+    both = label_ap(scores, labels, ["a", "c"])
+    for name in ("a", "c"):
+        alone = average_precision(scores, torch.tensor([lab == name for lab in labels]))
+        torch.testing.assert_close(both[name], alone)

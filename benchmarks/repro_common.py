@@ -1,0 +1,71 @@
+"""What the reproduction drivers share: threads, data paths, output paths that never overwrite a
+published result or a shipped set unless asked, and the path a set's command should print."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from kn_steer.data import shared_data_dir  # noqa: E402
+
+PUBLISHED = ROOT / "benchmarks" / "results"
+SHIPPED = ROOT / "neuron_sets"
+DEFAULT_OUT = Path("repro-results")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="model name or checkpoint folder")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: steady on a shared machine; 0 = torch's default)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"result JSON (default {DEFAULT_OUT}/<name>.json; a PNG is written beside it)")
+    parser.add_argument("--force", action="store_true",
+                        help="allow --out to replace a published result in benchmarks/results/")
+
+
+def setup_threads(threads: int) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def output_path(args: argparse.Namespace, name: str) -> Path:
+    """``--out`` or ``repro-results/NAME.json``; a published result is replaced only with --force."""
+    out = args.out if args.out is not None else DEFAULT_OUT / f"{name}.json"
+    if out.resolve().parent == PUBLISHED.resolve() and out.exists() and not args.force:
+        raise SystemExit(f"{out} is a published result: pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def ship_path(value: str | None, default_name: str) -> Path | None:
+    """``--ship`` (no value: neuron_sets/DEFAULT.json; a value: that path); None when not asked."""
+    if value is None:
+        return None
+    return SHIPPED / f"{default_name}.json" if value == "" else Path(value)
+
+
+def display_path(path: Path) -> str:
+    """A path as a set's command should print it: relative to the repository when it is nearby
+    (``../shared/data/...``), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT.parent) else str(path)
+    except ValueError:
+        return str(path)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def data_dir() -> Path:
+    return shared_data_dir()

@@ -1,0 +1,57 @@
+"""The ``kn-steer localize`` invocation that reproduces a run, and the option names it uses.
+
+Every set written by the library (from the CLI or an evaluation protocol) records this command in
+``provenance.command``. It names the method, the data, the format and **every** method parameter
+(defaults included), so it reproduces the set even if a default changes later. Option names come
+from the parameter model's field names (``top_k`` -> ``--top-k``); the CLI generates its options
+with the same mapping (:mod:`kn_steer.cli.localize`).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from kn_steer.models.checkpoints import DEFAULT_MODEL
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def negative_option_name(field: str) -> str:
+    return "--no-" + field.replace("_", "-")
+
+
+def param_arguments(params: BaseModel) -> list[str]:
+    """``--name value`` for every parameter (booleans as ``--flag`` / ``--no-flag``; None left out)."""
+    args: list[str] = []
+    for field, value in params.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(option_name(field) if value else negative_option_name(field))
+        else:
+            args += [option_name(field), repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
+def localize_command(method: str, params: BaseModel, data: str | Path, format: str, out: str | Path, *,
+                     model: str = DEFAULT_MODEL, dtype: str = "float32", limit: int | None = None,
+                     name: str | None = None) -> str:
+    """The shell command that reruns this localization (paths as given)."""
+    args: list[Any] = ["kn-steer", "localize", method, "--data", str(data), "--format", format]
+    if limit is not None:
+        args += ["--limit", str(limit)]
+    args += param_arguments(params)
+    if model != DEFAULT_MODEL:
+        args += ["--model", model]
+    if dtype != "float32":
+        args += ["--dtype", dtype]
+    if name is not None:
+        args += ["--name", name]
+    args += ["--out", str(out)]
+    return shlex.join(args)

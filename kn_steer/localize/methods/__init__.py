@@ -1,0 +1,43 @@
+"""The localization methods, registered explicitly: a new method is a module here and one entry
+in :data:`METHODS`.
+
+* ``kn`` (:mod:`.kn`, per-example) — knowledge neurons, Dai et al. 2022
+* ``ircan`` (:mod:`.ircan`, per-example) — context-aware neurons, IRCAN
+* ``relation`` (:mod:`.relation`, corpus) — relation-specific neurons by average precision
+"""
+
+from __future__ import annotations
+
+from kn_steer.errors import KnSteerError
+from kn_steer.localize.methods.base import (
+    Context,
+    CorpusMethod,
+    CorpusStats,
+    ExampleMethod,
+    ExampleResult,
+    Method,
+    ScoredNeuron,
+    Selection,
+)
+from kn_steer.localize.methods.ircan import IRCAN
+from kn_steer.localize.methods.kn import KN
+from kn_steer.localize.methods.relation import RELATION
+
+METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KnSteerError(
+            f"unknown localization method {name!r}; available: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def available_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+__all__ = ["Context", "CorpusMethod", "CorpusStats", "ExampleMethod", "ExampleResult", "METHODS", "Method",
+           "ScoredNeuron", "Selection", "available_methods", "get_method"]

@@ -1,0 +1,75 @@
+"""The three scoring rules, the relative-length split, paired tests and the result cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kn_steer.errors import KnSteerError
+from kn_steer.eval.cache import ResultCache, cache_key
+from kn_steer.eval.scoring import ItemScore
+from kn_steer.eval.summary import control_summary, paired, summarize
+
+
+def _item(id: str, logprobs, lengths, neutral=None, faithful=0, trap=1) -> ItemScore:
+    return ItemScore(id, tuple(logprobs), faithful, trap, tuple(lengths), None if neutral is None else tuple(neutral))
+
+
+def test_rules_pick_different_winners() -> None:
+    # faithful choice 0 has 4 tokens, the trap 1 token: total log-prob prefers the short trap
+    s = _item("a", logprobs=[-4.0, -3.0], lengths=[4, 1], neutral=[-9.0, -2.0])
+    assert s.chosen_by("total") == 1 and s.trapped_by("total")
+    assert s.chosen_by("mean") == 0  # -1.0 per token against -3.0
+    assert s.scores("calibrated") == (5.0, -1.0) and s.correct_by("calibrated")
+    assert s.length_group == "longer"
+    assert _item("b", [-1, -2], [1, 3]).length_group == "shorter"
+    assert _item("c", [-1, -2], [2, 2]).length_group == "equal"
+    # no trap: the rival is the shortest other choice
+    assert _item("d", [-1, -2, -3], [2, 5, 1], trap=None).length_group == "longer"
+    with pytest.raises(KnSteerError, match="without the neutral premise"):
+        _item("e", [-1, -2], [1, 1]).scores("calibrated")
+    with pytest.raises(KnSteerError, match="unknown scoring rule"):
+        s.scores("median")
+    assert ItemScore.from_json(s.to_json()) == s
+
+
+def test_summary_splits_by_length_and_rule() -> None:
+    scores = [_item("a", [-4, -3], [4, 1], [-9, -2]), _item("b", [-1, -2], [1, 3], [-1, -1]),
+              _item("c", [-2, -1], [2, 2], [-3, -1])]
+    summary = summarize(scores)
+    assert summary["n"] == 3 and summary["accuracy"] == pytest.approx(1 / 3)
+    total = summary["rules"]["total"]["by_length"]
+    assert total["shorter"] == {"n": 1, "accuracy": 1.0} and total["longer"] == {"n": 1, "accuracy": 0.0}
+    assert summary["rules"]["calibrated"]["accuracy"] == 1.0 and summary["rules"]["mean"]["accuracy"] == pytest.approx(1 / 3)
+    assert "calibrated" not in summarize([_item("x", [-1, -2], [1, 1])])["rules"]
+
+
+def test_paired_test_counts_discordant_items() -> None:
+    base = [_item(str(i), [-1, -2] if i < 10 else [-2, -1], [1, 1]) for i in range(20)]  # 10 right
+    better = [_item(str(i), [-1, -2], [1, 1]) for i in range(20)]  # 20 right
+    test = paired(better, base, "total")
+    assert (test["items_won"], test["items_lost"]) == (10, 0)
+    assert test["p_value"] == pytest.approx(2 * 0.5 ** 10)
+    assert paired(base, base, "total")["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same items"):
+        paired(better[:3], base[:2], "total")
+    summary = control_summary([base, better], base, better, "total")
+    assert summary["accuracy"]["mean"] == pytest.approx(0.75) and summary["p_vs_unsteered"][0] == 1.0
+    assert summary["p_set_vs_control"][1] == 1.0 and summary["accuracy"]["sd"] > 0
+
+
+def test_cache_keys_and_torn_lines(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    cache = ResultCache(path)
+    k1 = cache_key(model="m", data="sha1", spec=None)
+    assert k1 == cache_key(spec=None, data="sha1", model="m") != cache_key(model="m", data="sha2", spec=None)
+    calls = []
+    assert cache.compute(k1, lambda: calls.append(1) or {"v": 1}) == {"v": 1}
+    assert cache.compute(k1, lambda: calls.append(1) or {"v": 2}) == {"v": 1} and calls == [1]
+    with path.open("a") as handle:
+        handle.write('{"key": "torn", "val')
+    reopened = ResultCache(path)
+    assert reopened.get(k1) == {"v": 1} and "torn" not in reopened
+    reopened.put("k2", [1, 2])
+    assert ResultCache(path).get("k2") == [1, 2] and len(ResultCache(path)) == 2
