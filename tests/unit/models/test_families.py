@@ -152,7 +152,7 @@ def test_gemma3_neurons_on_the_real_model() -> None:
 
     model, tokenizer = load_hf_model(resolve_model("gemma3-270m"))
     adapter = adapter_for_config(model.config)
-    assert adapter.family == "gemma" and adapter.gated
+    assert adapter.family == "gemma3" and adapter.gated and adapter.serving
     assert model.config.model_type == "gemma3_text"
     assert ModelShape.from_config(model.config) == ModelShape(18, 2048)
     assert neuron_module_names(model.config)[17] == "model.layers.17.mlp.down_proj"
@@ -173,5 +173,5 @@ def test_gemma3_gguf_config_without_architectures() -> None:
     config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=96,
                                   num_hidden_layers=2, num_attention_heads=2, head_dim=16)
     assert not getattr(config, "architectures", None)
-    assert adapter_for_config(config).family == "gemma"
+    assert adapter_for_config(config).family == "gemma3"
     assert ModelShape.from_config(config) == ModelShape(2, 96)
