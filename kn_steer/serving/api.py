@@ -22,7 +22,9 @@ import math
 import time
 from typing import Any, AsyncGenerator
 
-from fastapi import Request  # module level: FastAPI resolves the routes' (string) annotations here
+from fastapi import (
+    Request,  # module level: FastAPI resolves the routes' (string) annotations here
+)
 
 from kn_steer.errors import KnSteerError
 from kn_steer.serving import hooks, metrics

@@ -168,7 +168,7 @@ def wrap_create_engine_config(orig):
                 logger.info("kn-steer: %d mask slots per worker (budget KN_STEER_BANK_MIB); the scheduler admits "
                             "at most %d distinct masks at once", slots, slots - 1)
         config.additional_config["kn_steer"] = entry
-        from kn_steer.serving.plugin import install_extensions
+        from kn_steer.serving.extensions import install_extensions
 
         install_extensions()
         return config

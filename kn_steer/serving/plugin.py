@@ -16,10 +16,8 @@ from kn_steer.serving import vllm_contract
 from kn_steer.serving.imports import when_imported
 
 logger = logging.getLogger("kn_steer.serving")
-EXTENSIONS_GROUP = "kn_steer.serving_extensions"
 _lock = threading.Lock()
 _registered = False
-_extensions_installed = False
 
 
 def register() -> None:
@@ -38,19 +36,3 @@ def register() -> None:
     select_runner()
     for name in vllm_contract.modules():
         when_imported(name, lambda module, name=name: vllm_contract.apply_module(name, module))
-
-
-def install_extensions() -> None:
-    """Load the serving extensions (entry-point group ``kn_steer.serving_extensions``; the A/B
-    layer is one): each is a callable run once in the process that builds the engine config (the
-    API server), before the app is built, that registers itself through :mod:`.hooks`. Serving
-    never imports them by name."""
-    global _extensions_installed
-    with _lock:
-        if _extensions_installed:
-            return
-        _extensions_installed = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=EXTENSIONS_GROUP):
-        ep.load()()
