@@ -157,6 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="instead of timing: one torch-profiler trace per core configuration into DIR, summarized")
     ap.add_argument("--enforce-eager", action="store_true", help="eager mode instead of the default compiled mode")
     ap.add_argument("--quick", action="store_true", help="1 session, 1 repetition, 16 requests x 32 tokens, no sweeps")
+    ap.add_argument("--model", default="smollm2-135m", help="a named model (smollm2-135m, gemma3-270m)")
     ap.add_argument("--out", default=None,
                     help="result name under benchmarks/results/ (default: serving; serving_quick with --quick, "
                          "so a quick run never overwrites the published full run)")
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.profile:
         return profile(args)
     machine = common.machine_info()
-    model = common.default_model_info()
+    model = common.default_model_info(args.model)
     shape = {k: model[k] for k in ("num_layers", "intermediate_size", "vocab_size")}
     core = {k: v for k, v in CORE.items() if k in args.configs.split(",")}
     sweep = sweeps() if args.scaling_reps > 0 else {}
@@ -251,7 +252,7 @@ def trace_totals(paths: list[Path]) -> dict[str, float]:
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     """Torch-profile each core configuration once (inductor kernels named) and compare op times."""
-    model = common.default_model_info()
+    model = common.default_model_info(args.model)
     shape = {k: model[k] for k in ("num_layers", "intermediate_size", "vocab_size")}
     core = {k: v for k, v in CORE.items() if k in args.configs.split(",")}
     out_dir = Path(args.profile).resolve()

@@ -58,14 +58,14 @@ def scale_spec(neurons: list[list[int]], factor: float = 2.0) -> dict[str, Any]:
     return {"interventions": [{"neurons": neurons, "op": "scale", "factor": factor}]}
 
 
-def default_model_info() -> dict[str, Any]:
-    """Path and shape of the default model (prepared on first use)."""
+def default_model_info(name: str = "smollm2-135m") -> dict[str, Any]:
+    """Path and shape of a named model (prepared on first use; default: the default model)."""
     from transformers import AutoConfig
 
     from kn_steer.models import resolve_model
     from kn_steer.models.families import ModelShape
 
-    ref = resolve_model("smollm2-135m")
+    ref = resolve_model(name)
     config = AutoConfig.from_pretrained(ref.path)
     shape = ModelShape.from_config(config)
     return {"name": ref.name, "path": str(ref.path), "fingerprint": ref.fingerprint,
