@@ -166,9 +166,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "mean_off_target": row["mean_off_target"], "matched_random": row.get("matched"),
                    "uniform_random": result["matrices"][str(n)]["uniform"], "results": display_path(out),
                    "protocol_command": result["command"]}
-        protocol.build_set(rel, n, target, name=target.stem, description=description(rel, n, result),
-                           metrics=metrics, command_data=display_path(folder), command_out=display_path(target))
-        log(f"wrote {target}")
+        ns = protocol.build_set(rel, n, target, name=target.stem, description=description(rel, n, result),
+                                metrics=metrics, command_data=display_path(folder), command_out=display_path(target))
+        evaluated = [(l, i) for l, i, _ in protocol.top_neurons(sorted({c.relation for c in protocol.corpus}))[rel][:n]]
+        if [(x.layer, x.index) for x in ns.neurons] != evaluated:
+            raise SystemExit(f"{target}: the relation method's set differs from the neurons the protocol evaluated")
+        log(f"wrote {target} (the same {n} neurons the protocol evaluated)")
     return result
 
 

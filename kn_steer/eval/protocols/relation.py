@@ -193,6 +193,7 @@ class RelationProtocol(FolderProtocol):
         command = localize_command(RELATION.name, params, command_data or str(self.folder), "pararel",
                                    command_out or str(out), name=name)
         return run_localization(RELATION, params, corpus, self.model, self.tokenizer, self.ref, out,
-                                RunInfo(name=name, data_file=str(self.folder), description=description,
-                                        command=command, metrics=metrics), progress=self.progress)
+                                RunInfo(name=name, data_file=command_data or str(self.folder), description=description,
+                                        command=command, metrics=metrics, data_sha256=self.folder_sha),
+                                progress=self.progress)
 
