@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ns = ircan.build_set(ev, data, config, cell["h"], cell["beta"], target, name=target.stem,
                              description=description(data.name, result, args.ship_rule), metrics=metrics,
                              command_data=display_path(data.dev), command_out=display_path(target))
-        log(f"wrote {target} ({len(ns.neurons)} neurons)")
+        if [[x.layer, x.index] for x in ns.neurons] != test["neurons"]:
+            raise SystemExit(f"{target}: the ircan method's set differs from the neurons the protocol evaluated")
+        log(f"wrote {target} (the same {len(ns.neurons)} neurons the protocol evaluated)")
     return result
 
 

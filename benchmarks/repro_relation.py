@@ -115,8 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="PARAREL folder (default ../shared/data/pararel)")
     p.add_argument("--counts", nargs="+", type=int, default=[10, 50, 100, 500, 1000])
-    p.add_argument("--matched-counts", nargs="+", type=int, default=[10, 100],
-                   help="N values with per-layer matched random rows for every relation")
+    p.add_argument("--matched-counts", nargs="+", type=int, default=[100],
+                   help="N values with per-layer matched random rows for every relation (shipped cells get them too)")
+    p.add_argument("--matched-extra", nargs="*", default=[], metavar="REL:N",
+                   help="more cells with matched random rows (the shipped ones are added)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--test-facts", type=int, default=150)
     p.add_argument("--test-prompts", type=int, default=2)
@@ -127,14 +129,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     setup_threads(args.threads)
     folder = args.data or data_dir() / "pararel"
-    ships = {}
-    for item in args.ship:
-        rel, _, n = item.partition(":")
-        if not n.isdigit():
-            p.error(f"--ship {item}: give REL:N")
-        ships[rel] = int(n)
+    ships: dict[str, int] = {}
+    extra: dict[str, list[int]] = {}
+    for flag in ("ship", "matched_extra"):
+        for item in getattr(args, flag):
+            rel, _, n = item.partition(":")
+            if not n.isdigit():
+                p.error(f"--{flag.replace('_', '-')} {item}: give REL:N")
+            if flag == "ship":
+                ships[rel] = int(n)
+            if int(n) not in args.matched_counts:
+                extra.setdefault(rel, []).append(int(n))
     config = RelationConfig(counts=sorted(set(args.counts) | set(ships.values())),
-                            matched_counts=sorted(set(args.matched_counts) | set(ships.values())),
+                            matched_counts=sorted(set(args.matched_counts)),
+                            matched_extra=extra,
                             seeds=args.seeds, test_facts=args.test_facts, test_prompts=args.test_prompts,
                             min_known=args.min_known)
     out = output_path(args, f"relation-{Path(folder).name}")
@@ -158,9 +166,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "mean_off_target": row["mean_off_target"], "matched_random": row.get("matched"),
                    "uniform_random": result["matrices"][str(n)]["uniform"], "results": display_path(out),
                    "protocol_command": result["command"]}
-        protocol.build_set(rel, n, target, name=target.stem, description=description(rel, n, result),
-                           metrics=metrics, command_data=display_path(folder), command_out=display_path(target))
-        log(f"wrote {target}")
+        ns = protocol.build_set(rel, n, target, name=target.stem, description=description(rel, n, result),
+                                metrics=metrics, command_data=display_path(folder), command_out=display_path(target))
+        evaluated = [(l, i) for l, i, _ in protocol.top_neurons(sorted({c.relation for c in protocol.corpus}))[rel][:n]]
+        if [(x.layer, x.index) for x in ns.neurons] != evaluated:
+            raise SystemExit(f"{target}: the relation method's set differs from the neurons the protocol evaluated")
+        log(f"wrote {target} (the same {n} neurons the protocol evaluated)")
     return result
 
 

@@ -175,6 +175,7 @@ class RunInfo:
     description: str = ""
     command: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # measured effects, added to the set's metrics
+    data_sha256: str | None = None  # when ``data_file`` is a display path: the hash of the data read
 
 
 def run_localization(
@@ -221,7 +222,8 @@ def run_localization(
         operation=selection.operation, neurons=selection.neurons,
         provenance=Provenance(
             data_file=info.data_file,
-            data_sha256=content_sha256(info.data_file) if info.data_file and Path(info.data_file).exists() else None,
+            data_sha256=info.data_sha256 or (content_sha256(info.data_file)
+                                             if info.data_file and Path(info.data_file).exists() else None),
             examples=count, command=info.command,
         ),
         metrics={**selection.metrics, **metrics, **info.metrics},

@@ -258,7 +258,8 @@ def build_set(ev: HFEvaluator, data: ChoiceData, config: IRCANConfig, h: int, be
                                command_out or str(out), limit=len(loc), name=name)
     return run_localization(
         IRCAN, params, examples_from_items(loc), ev.model, ev.tokenizer, ev.ref, out,
-        RunInfo(name=name, data_file=str(data.dev), description=description, command=command, metrics=metrics),
+        RunInfo(name=name, data_file=command_data or str(data.dev), description=description, command=command,
+                metrics=metrics, data_sha256=content_sha256(data.dev)),
         progress=False, checkpoint=localization_checkpoint(data, config.method_params(), ev.ref.fingerprint, checkpoints),
     )
 

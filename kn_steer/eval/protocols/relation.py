@@ -8,8 +8,8 @@
 3. **Interference matrix**, for each N: row = the relation whose top-N neurons are clamped to 0
    (every position), column = the evaluated relation whose known prompts are scored; cell =
    accuracy (1.0 unsteered by construction). Random rows: N neurons uniform over all layers, and
-   per suppressed relation N neurons with its set's per-layer counts (``matched``), ``seeds``
-   seeds each. Per row: accuracy on its own relation, the worst off-target relation, and exact
+   per suppressed relation N neurons with its set's per-layer counts (``matched``; at the N of
+   ``matched_counts`` for every row, and at ``matched_extra``), ``seeds`` seeds each. Per row: accuracy on its own relation, the worst off-target relation, and exact
    McNemar tests on the relation's own prompts (set vs unsteered, set vs each matched seed).
 """
 
@@ -57,7 +57,10 @@ class RelationConfig(BaseModel):
     test_prompts: int = Field(2, ge=1, description="patterns per held-out fact")
     min_known: int = Field(10, ge=1, description="evaluate relations with at least this many known prompts")
     counts: list[int] = Field(default_factory=lambda: [10, 50, 100, 500, 1000], description="N values")
-    matched_counts: list[int] = Field(default_factory=lambda: [10, 100], description="N with matched random rows")
+    matched_counts: list[int] = Field(default_factory=lambda: [100],
+                                      description="N at which every row gets matched random rows")
+    matched_extra: dict[str, list[int]] = Field(
+        default_factory=dict, description="more (relation -> N) cells with matched random rows, e.g. shipped sets")
     seeds: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1, description="prompts per forward (activations)")
 
@@ -147,7 +150,7 @@ class RelationProtocol(FolderProtocol):
                 worst = min(off, key=off.get) if off else None
                 row["worst_off_target"] = {"relation": worst, "accuracy": off[worst]} if worst else None
                 row["mean_off_target"] = statistics.mean(off.values()) if off else None
-                if n in cfg.matched_counts:
+                if n in cfg.matched_counts or n in cfg.matched_extra.get(r, []):
                     seeds = [self.correct(known, matched_neurons(neurons, self.shape, seed)) for seed in range(cfg.seeds)]
                     accs = [accuracy(b) for b in seeds]
                     row["matched"] = {
@@ -190,6 +193,7 @@ class RelationProtocol(FolderProtocol):
         command = localize_command(RELATION.name, params, command_data or str(self.folder), "pararel",
                                    command_out or str(out), name=name)
         return run_localization(RELATION, params, corpus, self.model, self.tokenizer, self.ref, out,
-                                RunInfo(name=name, data_file=str(self.folder), description=description,
-                                        command=command, metrics=metrics), progress=self.progress)
+                                RunInfo(name=name, data_file=command_data or str(self.folder), description=description,
+                                        command=command, metrics=metrics, data_sha256=self.folder_sha),
+                                progress=self.progress)
 

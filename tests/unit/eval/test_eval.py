@@ -180,7 +180,8 @@ def test_vllm_backend_agrees_with_transformers(default_hf):
         reference = score_hf(model, tok, encoded, compiled)
         for a, b in zip(served, reference):
             assert a.logprobs == pytest.approx(b.logprobs, abs=2e-3, rel=1e-3)
-            assert a.chosen == b.chosen
+            assert a.neutral == pytest.approx(b.neutral, abs=2e-3, rel=1e-3)  # calibration premise, same path
+            assert a.chosen == b.chosen and a.lengths == b.lengths
         if plain is None:
             plain = reference
         else:

@@ -22,7 +22,8 @@ def folder(tmp_path: Path) -> Path:
 def test_matrix_controls_and_a_library_set(default_hf, default_ref, folder: Path, tmp_path: Path) -> None:
     model, tok = default_hf
     config = RelationConfig(facts_per_relation=6, prompts_per_fact=1, test_facts=10, test_prompts=1, min_known=1,
-                            counts=[5, 20], matched_counts=[5], seeds=2)
+                            counts=[5, 20], matched_counts=[5], seeds=2,
+                            matched_extra={"P36": [20]})
     cache = ResultCache(tmp_path / "cache.jsonl")
     protocol = RelationProtocol(model, tok, default_ref, folder, config, cache, progress=False)
     result = protocol.run()
@@ -36,7 +37,9 @@ def test_matrix_controls_and_a_library_set(default_hf, default_ref, folder: Path
             assert len(row["correct"]) == len(result["known_prompt_list"])
             assert sum(row["layers"].values()) == int(n)
     row = result["matrices"]["5"]["rows"][evaluated[0]]
-    assert len(row["matched"]["p_set_vs_control_on_relation"]) == 2 and "matched" not in result["matrices"]["20"]["rows"][evaluated[0]]
+    assert len(row["matched"]["p_set_vs_control_on_relation"]) == 2
+    for r, big in result["matrices"]["20"]["rows"].items():
+        assert ("matched" in big) == (r == "P36")
     cached = len(cache)
     assert protocol.run()["matrices"] == result["matrices"] and len(cache) == cached  # all read back
 
