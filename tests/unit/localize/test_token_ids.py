@@ -57,7 +57,7 @@ def test_evaluation_scores_the_same_prompt_ids(seen_ids) -> None:
     model, tok, calls = seen_ids
     item = ChoiceItem(id="x", prompt=PROMPT, choices=(" paris", " rome"), faithful=0, trap=1,
                       context="", question_prompt=PROMPT)
-    score_hf(model, tok, [item])
+    score_hf(model, tok, [item], calibrate=False)  # one row: the prompt and its choices
     want = prompt_ids(tok, PROMPT)
     (row,) = calls[0]
     choices = continuation_ids(tok, " paris") + continuation_ids(tok, " rome")
