@@ -10,6 +10,18 @@ import typer
 from kn_steer.errors import KnSteerError
 
 
+def _show(reports: list, json_out: Path | None, plot: Path | None) -> None:
+    """Print the reports; write their JSON and plot where asked."""
+    from kn_steer.ab.report import plot as make_plot
+    from kn_steer.ab.report import render, save_json
+
+    render(reports)
+    if json_out is not None:
+        typer.echo(f"wrote {save_json(reports, json_out)}")
+    if plot is not None:
+        typer.echo(f"wrote {make_plot(reports, plot)}")
+
+
 def register(app: typer.Typer) -> None:
     ab = typer.Typer(help="A/B experiments: reports, outcomes, offline runs over labelled data.",
                      no_args_is_help=True)
@@ -26,16 +38,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-arm outcome rates with confidence intervals and a significance test against control."""
         from kn_steer.ab.config import load_config
-        from kn_steer.ab.report import build_report, render, save_json
-        from kn_steer.ab.report import plot as make_plot
+        from kn_steer.ab.report import build_report
 
         cfg = load_config(config) if config is not None else None
-        reports = build_report(log, experiment, cfg, control, confidence)
-        render(reports)
-        if json_out is not None:
-            typer.echo(f"wrote {save_json(reports, json_out)}")
-        if plot is not None:
-            typer.echo(f"wrote {make_plot(reports, plot)}")
+        _show(build_report(log, experiment, cfg, control, confidence), json_out, plot)
 
     @ab.command("outcome")
     def outcome(
@@ -78,8 +84,7 @@ def register(app: typer.Typer) -> None:
 
         from kn_steer.ab.config import load_config
         from kn_steer.ab.offline import load_items, run_offline
-        from kn_steer.ab.report import build_report, render, save_json
-        from kn_steer.ab.report import plot as make_plot
+        from kn_steer.ab.report import build_report
 
         if fmt not in ("memotrap", "kre"):
             raise KnSteerError(f"--format must be memotrap or kre, not {fmt!r}")
@@ -99,12 +104,7 @@ def register(app: typer.Typer) -> None:
         counts = run_offline(exp, items, server, log_path, concurrency, model, progress)
         bar.close()
         typer.echo(f"{counts['run']} scored, {counts['skipped']} already in {log_path}")
-        reports = build_report(log_path, exp.name, cfg)
-        render(reports)
-        if json_out is not None:
-            typer.echo(f"wrote {save_json(reports, json_out)}")
-        if plot is not None:
-            typer.echo(f"wrote {make_plot(reports, plot)}")
+        _show(build_report(log_path, exp.name, cfg), json_out, plot)
 
     @ab.command("check")
     def check(
