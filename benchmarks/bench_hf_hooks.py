@@ -2,7 +2,7 @@
 
 The same workload as ``bench_serving.py`` (random 128-token prompts, 64 greedy tokens, float32, the
 default model) and the same neurons as its configuration (c) (one spec of 500 neurons over all
-layers, scale 2), applied with :func:`kn_steer.reference.steer` in batches of 16, against the vLLM
+layers, scale 2), applied with :func:`kn_steer.steering.reference.steer` in batches of 16, against the vLLM
 engine with the plugin running (c), both alive side by side and run alternately, ratios paired.
 
     .venv/bin/python benchmarks/bench_hf_hooks.py             # 2 repetitions (~5 min on 2 cores)
