@@ -31,6 +31,7 @@ from kn_steer.serving import hooks, metrics
 from kn_steer.serving.edge import (
     STATUS_ATTR,
     SteeringRequestError,
+    bind_context,
     prepare,
     raw_spec,
     request_info,
@@ -73,6 +74,7 @@ async def verify_engine(engine: Any) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any failure means the workers cannot prove anything
         raise _rpc_failed(exc) from exc
     summary = summarize_workers(list(statuses))
+    bind_context(engine.input_processor)
     setattr(engine.input_processor, STATUS_ATTR, summary)
     return summary
 
@@ -95,6 +97,7 @@ def wrap_llm_engine_init(orig):
             statuses = self.collective_rpc("kn_steer_status")
         except Exception as exc:  # noqa: BLE001
             raise _rpc_failed(exc) from exc
+        bind_context(self.input_processor)
         setattr(self.input_processor, STATUS_ATTR, summarize_workers(list(statuses)))
 
     return __init__

@@ -34,6 +34,7 @@ from kn_steer.steering.spec import SteeringSpec, parse_spec
 
 INFO_ATTR = "_kn_steer_info"  # kept in the request's pydantic extras, for the response
 STATUS_ATTR = "_kn_steer_engine"  # set on an InputProcessor once its engine's workers passed the self-check
+CONTEXT_ATTR = "_kn_steer_context"  # the ServingContext an InputProcessor's engine was built with
 
 
 class SteeringRequestError(VLLMValidationError, SpecError):
@@ -131,6 +132,19 @@ def _engine_verified(processor: Any) -> dict[str, Any]:
     return status
 
 
+def bind_context(processor: Any) -> ServingContext:
+    """The serving context of the engine that owns ``processor``, fixed when the engine is built.
+
+    Settings come from the environment at that moment: an engine keeps its own neuron-set folder
+    and limits even if the process later builds another engine with other settings."""
+    ctx = getattr(processor, CONTEXT_ATTR, None)
+    if ctx is None:
+        model_config = processor.vllm_config.model_config
+        ctx = load_context(model_config.model, model_config.hf_config, model_config.dtype)
+        setattr(processor, CONTEXT_ATTR, ctx)
+    return ctx
+
+
 def wrap_process_inputs(orig):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         from vllm.sampling_params import SamplingParams
@@ -140,9 +154,8 @@ def wrap_process_inputs(orig):
             return orig(self, request_id, prompt, params, *args, **kwargs)
         compiled = None
         if extra.get(RAW_KEY) is not None:
-            model_config = self.vllm_config.model_config
             try:
-                ctx = load_context(model_config.model, model_config.hf_config, model_config.dtype)
+                ctx = bind_context(self)
             except KnSteerError as exc:
                 raise SteeringRequestError(str(exc)) from None
             _, compiled, _ = resolve(ctx, extra[RAW_KEY], request_id)

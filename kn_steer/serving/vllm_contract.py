@@ -145,6 +145,7 @@ READS: tuple[Read, ...] = (
     Read("RequestQueue", ("remove_requests", "prepend_requests", "add_request"), "withhold and restore waiting requests"),
     Read("Request / EngineCoreRequest", ("sampling_params", "cache_salt", "request_id"), "masks and prefix-cache salt"),
     Read("AsyncLLM / LLMEngine", ("collective_rpc", "input_processor"), "the self-check answer"),
+    Read("InputProcessor (instance)", ("vllm_config",), "the served model, to bind the engine's serving context"),
     Read("OpenAI protocol requests", ("vllm_xargs", "model_extra", "__pydantic_extra__", "request_id"),
          "where a client's kn_steer spec arrives"),
 )

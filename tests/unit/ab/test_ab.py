@@ -172,7 +172,6 @@ def test_pick_edges():
 def installed(tmp_path, monkeypatch):
     """The A/B layer installed from a config file, against a real registry/shape context."""
     import kn_steer.ab as ab
-    from kn_steer.serving import hooks
 
     cfg_path = tmp_path / "experiments.json"
     cfg_path.write_text(json.dumps(config_dict()))
@@ -185,14 +184,20 @@ def installed(tmp_path, monkeypatch):
         shape = SHAPE
         max_neurons = 1000
 
-    saved = (hooks.experiment_resolver, list(hooks.request_listeners), list(hooks.route_installers))
-    ab.uninstall()
-    service = ab.install(context=Ctx(), force=True)
-    yield service
-    ab.uninstall()
-    hooks.set_experiment_resolver(saved[0])
-    hooks.request_listeners[:] = saved[1]
-    hooks.route_installers[:] = saved[2]
+    _isolate_hooks(monkeypatch)
+    yield ab.install(context=Ctx(), force=True)
+
+
+def _isolate_hooks(monkeypatch) -> None:
+    """Empty extension points and no installed service for this test; monkeypatch restores both
+    (an engine built earlier in this process may have installed the A/B layer already)."""
+    import kn_steer.ab as ab
+    from kn_steer.serving import hooks
+
+    monkeypatch.setattr(hooks, "experiment_resolver", None)
+    monkeypatch.setattr(hooks, "request_listeners", [])
+    monkeypatch.setattr(hooks, "route_installers", [])
+    monkeypatch.setattr(ab, "_service", None)
 
 
 def _sample(name: str, labels: dict[str, str]) -> float:
@@ -308,17 +313,11 @@ def test_without_config_experiments_are_a_spec_error(tmp_path, monkeypatch):
     from kn_steer.serving import hooks
 
     monkeypatch.delenv("KN_STEER_EXPERIMENTS", raising=False)
-    saved = (hooks.experiment_resolver, list(hooks.request_listeners), list(hooks.route_installers))
-    try:
-        service = ab.install(log_path=tmp_path / "x.jsonl", force=True)
-        assert service.config is None and service.on_request not in hooks.request_listeners
-        with pytest.raises(SpecError, match="no experiments configured"):
-            hooks.experiment_resolver(SteeringSpec(experiment="exp1"), "r")
-    finally:
-        ab.uninstall()
-        hooks.set_experiment_resolver(saved[0])
-        hooks.request_listeners[:] = saved[1]
-        hooks.route_installers[:] = saved[2]
+    _isolate_hooks(monkeypatch)
+    service = ab.install(log_path=tmp_path / "x.jsonl", force=True)
+    assert service.config is None and service.on_request not in hooks.request_listeners
+    with pytest.raises(SpecError, match="no experiments configured"):
+        hooks.experiment_resolver(SteeringSpec(experiment="exp1"), "r")
 
 
 def test_appends_are_whole_lines_under_threads(tmp_path):
