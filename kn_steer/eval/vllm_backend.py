@@ -40,8 +40,6 @@ class VLLMEvaluator:
         except ImportError as exc:
             raise KnSteerError("the vllm backend needs vLLM: pip install 'kn-steer[cpu]' (or [gpu])") from exc
 
-        if sets_dir is not None:  # read by the plugin in every engine process
-            os.environ[ENV_VAR] = str(Path(sets_dir).resolve())
         self.ref = resolve_model(model)
         self.sets_dir = sets_dir
         config = AutoConfig.from_pretrained(self.ref.path)
@@ -54,7 +52,16 @@ class VLLMEvaluator:
         kwargs: dict[str, Any] = dict(model=str(self.ref.path), dtype="float32", max_model_len=2048,
                                       enable_prefix_caching=True, seed=0)
         kwargs.update(llm_kwargs)
-        self.llm = vllm.LLM(**kwargs)
+        saved = os.environ.get(ENV_VAR)
+        if sets_dir is not None:  # the engine reads its set folder once, while it is built
+            os.environ[ENV_VAR] = str(Path(sets_dir).resolve())
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        finally:
+            if saved is None:
+                os.environ.pop(ENV_VAR, None)
+            else:
+                os.environ[ENV_VAR] = saved
         self.tokenizer = self.llm.get_tokenizer()
 
     @property

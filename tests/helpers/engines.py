@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,16 +102,31 @@ def registry():
 
 
 # ----- offline engine -----------------------------------------------------------------------------
+@contextmanager
+def sets_env(folder: Path):
+    """``KN_STEER_NEURON_SETS`` while an engine is built, restored after: an engine keeps the
+    settings it was built with, and later tests (a CLI, another engine) see the old value."""
+    saved = os.environ.get("KN_STEER_NEURON_SETS")
+    os.environ["KN_STEER_NEURON_SETS"] = str(folder)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("KN_STEER_NEURON_SETS", None)
+        else:
+            os.environ["KN_STEER_NEURON_SETS"] = saved
+
+
 def offline_llm():
     """The shared ``vllm.LLM`` (default model, float32, default compile mode, prefix caching)."""
     if "llm" not in _state:
         _base_env()
-        os.environ["KN_STEER_NEURON_SETS"] = str(sets_dir())
         from vllm import LLM
 
         ref, _ = default_ref()
         started = time.time()
-        _state["llm"] = LLM(model=str(ref.path), **ENGINE_KW)
+        with sets_env(sets_dir()):
+            _state["llm"] = LLM(model=str(ref.path), **ENGINE_KW)
         _state["llm_start_s"] = time.time() - started
     return _state["llm"]
 
@@ -118,10 +134,10 @@ def offline_llm():
 def make_llm(model: str | Path, sets: Path | None = None, **kw):
     """A separate engine (caller shuts it down with :func:`shutdown`)."""
     _base_env()
-    os.environ["KN_STEER_NEURON_SETS"] = str(sets or sets_dir())
     from vllm import LLM
 
-    return LLM(model=str(model), **kw)
+    with sets_env(sets or sets_dir()):
+        return LLM(model=str(model), **kw)
 
 
 def shutdown(llm) -> None:
