@@ -2,7 +2,10 @@
 everything it depends on is the same.
 
 A cache is an append-only JSONL file of ``{"key": ..., "value": ...}`` lines, each flushed and
-fsynced (an interruption loses at most the line being written; a torn last line is ignored). The
+fsynced (an interruption loses at most the line being written; a torn last line is ignored).
+Several processes may share one file (two reproduction runs at once): every append is one
+``write`` under an exclusive ``flock``, and loading (which drops a torn tail) holds the same lock,
+so one process never interleaves with, or truncates, another's line. The
 key is the sha256 of the canonical JSON of *all* the inputs the caller names: the kind of result,
 the model fingerprint, the data file's sha256, the items (or prompts) themselves, the intervention,
 and :data:`SCORING_VERSION` (bumped whenever scoring code changes what it computes).
@@ -10,11 +13,13 @@ and :data:`SCORING_VERSION` (bumped whenever scoring code changes what it comput
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kn_steer.models.checkpoints import cache_dir
 
@@ -44,9 +49,11 @@ class ResultCache:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._data: dict[str, Any] = {}
-        if self.path.is_file():
+        if not self.path.is_file():
+            return
+        with self._locked() as fd:
             good = 0
-            with self.path.open("rb") as handle:
+            with open(fd, "rb", closefd=False) as handle:
                 for raw in handle:
                     try:
                         entry = json.loads(raw) if raw.endswith(b"\n") else None
@@ -56,9 +63,19 @@ class ResultCache:
                         break  # torn by an interruption: drop it and what follows
                     self._data[entry["key"]] = entry["value"]
                     good += len(raw)
-            if good != self.path.stat().st_size:
-                with self.path.open("r+b") as handle:
-                    handle.truncate(good)
+            if good != os.fstat(fd).st_size:
+                os.ftruncate(fd, good)
+
+    @contextmanager
+    def _locked(self) -> Iterator[int]:
+        """The file opened for appending, under an exclusive advisory lock (released on close)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)
 
     def __contains__(self, key: str) -> bool:
         return key in self._data
@@ -70,12 +87,12 @@ class ResultCache:
         return self._data.get(key)
 
     def put(self, key: str, value: Any) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n"
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        data = (json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._locked() as fd:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
         self._data[key] = value
 
     def compute(self, key: str, fn: Callable[[], Any]) -> Any:

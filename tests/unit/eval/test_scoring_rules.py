@@ -73,3 +73,33 @@ def test_cache_keys_and_torn_lines(tmp_path: Path) -> None:
     assert reopened.get(k1) == {"v": 1} and "torn" not in reopened
     reopened.put("k2", [1, 2])
     assert ResultCache(path).get("k2") == [1, 2] and len(ResultCache(path)) == 2
+
+
+def _append_many(path: str, tag: str, n: int) -> None:
+    cache = ResultCache(path)
+    for i in range(n):
+        cache.put(f"{tag}-{i}", {"tag": tag, "payload": "x" * 70_000})  # larger than any pipe/stdio buffer
+
+
+def _open_many(path: str, n: int) -> None:
+    for _ in range(n):
+        ResultCache(path)  # loading drops a torn tail: it must never take a line being written
+
+
+def test_cache_shared_by_processes_keeps_every_line(tmp_path: Path) -> None:
+    """Reproduction runs sharing one cache (two appending, one opening it over and over): no line
+    is interleaved, and no line being written is taken for a torn one and truncated."""
+    import multiprocessing
+
+    path = str(tmp_path / "shared.jsonl")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(path, tag, 60)) for tag in ("a", "b")]
+    procs.append(ctx.Process(target=_open_many, args=(path, 300)))
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    reopened = ResultCache(path)
+    assert len(reopened) == 120
+    assert all(reopened.get(f"{t}-{i}")["tag"] == t for t in ("a", "b") for i in range(60))
