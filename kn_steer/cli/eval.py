@@ -1,5 +1,6 @@
 """``kn-steer eval``: score MemoTrap / COSE_KRE under a neuron set or spec, beside the unsteered
-baseline, through either backend; optionally against random controls of the same dose."""
+baseline, through either backend; optionally against random controls of the same dose.
+``--side-effects SET`` reports instead what the set does beyond its purpose (:mod:`kn_steer.cli.side_effects`)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _table(result: dict[str, Any]) -> Table:
 
 
 def eval_command(
-    data: Path = typer.Option(..., "--data", help="Data file (MemoTrap or COSE_KRE schema; any file name)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data file (MemoTrap or COSE_KRE schema; any file name)."),
     format: Optional[str] = typer.Option(None, "--format", help=f"{' | '.join(FORMATS)} (default: from the file's fields)."),
     set_name: Optional[str] = typer.Option(None, "--set", help="Apply this neuron set with its default operation."),
     spec: Optional[str] = typer.Option(None, "--spec", help="A kn_steer spec as JSON, or @FILE holding it."),
@@ -58,9 +59,39 @@ def eval_command(
         [], "--controls", help=f"Random controls of the same size and dose: {' | '.join(CONTROL_KINDS)} (repeatable)."),
     seeds: int = typer.Option(5, "--seeds", min=1, help="Seeds per random control."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write summaries, paired tests and per-item scores as JSON."),
+    side_effects_set: Optional[str] = typer.Option(
+        None, "--side-effects", metavar="SET",
+        help="Report what SET does beyond its purpose: perplexity, task accuracies and PARAREL recall beside "
+             "random neurons of the same size and dose, and a dose sweep (PNG beside --out)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Side effects: JSONL text file for perplexity "
+                                        "(default ../shared/data/english/ewt_paragraphs.jsonl)."),
+    tasks: list[Path] = typer.Option([], "--task", help="Side effects: MemoTrap/COSE_KRE file (repeatable; "
+                                     "default MemoTrap and COSE_KRE test)."),
+    pararel: Optional[Path] = typer.Option(None, "--pararel", help="Side effects: PARAREL folder for recall."),
+    no_default_data: bool = typer.Option(False, "--no-default-data", help="Side effects: only the files given."),
+    texts: int = typer.Option(100, "--texts", min=1, help="Side effects: texts for perplexity."),
+    task_limit: int = typer.Option(200, "--task-limit", min=1, help="Side effects: first items of each task."),
+    doses: Optional[str] = typer.Option(None, "--doses", help="Side effects: sweep doses, e.g. 0,1,2,4,8 "
+                                        "(factors for scale, values for clamp; empty string: no sweep)."),
+    sweep_seeds: int = typer.Option(2, "--sweep-seeds", min=0, help="Side effects: matched controls per dose."),
 ) -> None:
     """Score each item's choices (total, length-normalized and calibrated log-probability); report
     accuracy and trap rate beside the unsteered baseline, with exact McNemar tests."""
+    kinds = [k for item in controls for k in item.split(",") if k]
+    if side_effects_set is not None:
+        from kn_steer.cli.side_effects import report
+
+        if data is not None or set_name is not None or spec is not None:
+            raise KnSteerError("--side-effects SET takes the set itself; leave out --data, --set and --spec")
+        if backend != "hf":
+            raise KnSteerError("--side-effects runs on the hf backend only")
+        report(set_name=side_effects_set, spec=None, model=model, sets_dir=sets_dir or old_sets_dir, text=text,
+               tasks=tasks, pararel=pararel, no_defaults=no_default_data, texts=texts, task_limit=task_limit,
+               doses=doses, controls=kinds or ["matched", "uniform"], seeds=seeds, sweep_seeds=sweep_seeds,
+               batch_size=min(batch_size, 8), out=out)
+        return
+    if data is None:
+        raise KnSteerError("give --data FILE (or --side-effects SET)")
     if old_sets_dir is not None:
         if sets_dir is not None:
             raise KnSteerError("give --sets only (--sets-dir is its deprecated spelling)")
@@ -71,7 +102,6 @@ def eval_command(
         raise KnSteerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if backend not in ("hf", "vllm"):
         raise KnSteerError(f"--backend must be 'hf' or 'vllm', got {backend!r}")
-    kinds = [k for item in controls for k in item.split(",") if k]
     result = evaluate(data, format, spec=spec, set_name=set_name, model=model, backend=backend,  # type: ignore[arg-type]
                       limit=limit, sets_dir=sets_dir, batch_size=batch_size, progress=True,
                       controls=kinds, seeds=seeds)

@@ -40,12 +40,16 @@ class PaddedBatch:
 
 def left_padded(tokenizer: Any, prompts: Sequence[str], device: torch.device | str = "cpu") -> PaddedBatch:
     """Prompts as one left-padded batch (:func:`kn_steer.tokens.prompt_ids` per prompt)."""
-    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    return left_padded_ids([prompt_ids(tokenizer, p) for p in prompts], pad_id(tokenizer), device)
+
+
+def left_padded_ids(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu") -> PaddedBatch:
+    """Token-id rows as one left-padded batch, position ids skipping the padding."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
+        ids[i, width - len(row):] = torch.tensor(list(row))
         mask[i, width - len(row):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return PaddedBatch(ids.to(device), mask.to(device), positions.to(device))
