@@ -53,6 +53,20 @@ def ship_path(value: str | None, default_name: str) -> Path | None:
     return SHIPPED / f"{default_name}.json" if value == "" else Path(value)
 
 
+def model_title(name: str) -> str:
+    """How a set's description names the model: the catalog's title ("SmolLM2-135M-Instruct",
+    "Gemma-3-270M base") for a named model, else the model's own name."""
+    from kn_steer.models.catalog import catalog_model
+
+    entry = catalog_model(name)
+    return entry.description.split(" (")[0] if entry is not None else name
+
+
+def set_prefix(name: str) -> str:
+    """Shipped sets are named ``<model>-<kind>-<what>``: the model part, safe for a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(name).name)
+
+
 def display_path(path: Path) -> str:
     """A path as a set's command should print it: relative to the repository when it is nearby
     (``../shared/data/...``), else absolute."""

@@ -1,4 +1,4 @@
-"""Reproduce IRCAN (Shi et al. 2024) on SmolLM2-135M-Instruct: a thin driver of
+"""Reproduce IRCAN (Shi et al. 2024) on a real model (default SmolLM2-135M-Instruct): a thin driver of
 ``kn_steer.eval.protocols.ircan`` (localize on dev, h x beta grid on held-out dev, test against
 unsteered and random controls, under three scoring rules).
 
@@ -23,7 +23,9 @@ from repro_common import (
     data_dir,
     display_path,
     log,
+    model_title,
     output_path,
+    set_prefix,
     setup_threads,
     ship_path,
 )
@@ -160,6 +162,7 @@ def verdict(test: dict[str, Any]) -> str:
 
 
 def description(name: str, result: dict[str, Any], rule: str) -> str:
+    model = model_title(result["model"])
     cell = result["chosen_by_rule"][rule]
     test = result["test"][cell["result_of"]]
     parts = []
@@ -169,7 +172,7 @@ def description(name: str, result: dict[str, Any], rule: str) -> str:
                      f"(p={h['mcnemar']['p_value']:.2g}; matched random {h['matched']['accuracy']['mean']:.3f} "
                      f"± {h['matched']['accuracy']['sd']:.3f})")
     base, mine = test["unsteered"]["rules"]["total"]["by_length"], test["set"]["rules"]["total"]["by_length"]
-    return (f"IRCAN context-aware neurons of SmolLM2-135M-Instruct found on {name} dev "
+    return (f"IRCAN context-aware neurons of {model} found on {name} dev "
             f"({result['config']['loc_n']} examples, m={result['config']['steps']}, top {result['config']['top_k']} per "
             f"example, the h={cell['h']} most frequent; h and beta chosen on held-out dev by {rule} log-prob); default: "
             f"scale by {cell['beta']:g}. Test accuracy ({test['n']} items): " + "; ".join(parts) +
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_config_args(p)
     add_common(p)
     p.add_argument("--ship", nargs="?", const="", default=None, metavar="PATH",
-                   help="write the set (default neuron_sets/smollm2-135m-context-<name>.json)")
+                   help="write the set (default neuron_sets/<model>-context-<name>.json)")
     p.add_argument("--ship-rule", choices=RULES, default="total", help="the rule whose chosen cell is shipped")
     args = p.parse_args(argv)
     setup_threads(args.threads)
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(result, args.ship_rule, out.with_suffix(".png"))
     print_table(result)
     log(f"wrote {out} and {out.with_suffix('.png')}")
-    target = ship_path(args.ship, f"smollm2-135m-context-{data.name}")
+    target = ship_path(args.ship, f"{set_prefix(ev.ref.name)}-context-{data.name}")
     if target is not None:
         cell = result["chosen_by_rule"][args.ship_rule]
         test = result["test"][cell["result_of"]]

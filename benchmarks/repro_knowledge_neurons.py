@@ -1,4 +1,4 @@
-"""Knowledge neurons (Dai et al. 2022) on PARAREL with SmolLM2-135M-Instruct: a thin driver of
+"""Knowledge neurons (Dai et al. 2022) on PARAREL with a real model (default SmolLM2-135M-Instruct): a thin driver of
 ``kn_steer.eval.protocols.knowledge`` (known facts, the ``kn`` method per fact, suppress x0 /
 enhance x2 against per-layer matched and uniform random neurons, paired signed-rank tests).
 

@@ -1,4 +1,4 @@
-"""Relation-specific neurons on PARAREL with SmolLM2-135M-Instruct: a thin driver of
+"""Relation-specific neurons on PARAREL with a real model (default SmolLM2-135M-Instruct): a thin driver of
 ``kn_steer.eval.protocols.relation`` (cumulativity over N, the full interference matrix against
 every relation the model knows, uniform and per-layer matched random rows).
 
@@ -24,7 +24,9 @@ from repro_common import (
     data_dir,
     display_path,
     log,
+    model_title,
     output_path,
+    set_prefix,
     setup_threads,
 )
 
@@ -98,7 +100,8 @@ def description(r: str, n: int, result: dict[str, Any]) -> str:
     matched = row.get("matched")
     worst = row["worst_off_target"]
     known = result["known_prompts"]
-    text = (f"Relation-specific neurons of PARAREL relation {r}: the {n} MLP neurons whose last-token activation "
+    text = (f"Relation-specific neurons of PARAREL relation {r} in {model_title(result['model'])}: the {n} MLP "
+            f"neurons whose last-token activation "
             f"best separates {r} prompts from the other {result['corpus']['relations'] - 1} relations' prompts "
             f"(average precision, train split). Default: clamp to 0 (suppress the relation). Measured on known "
             f"held-out prompts: {r} accuracy 1.00 -> {row['accuracy'][r]:.2f} ({known[r]} prompts); over the other "
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--test-prompts", type=int, default=2)
     p.add_argument("--min-known", type=int, default=10)
     p.add_argument("--table-n", type=int, default=100, help="the N of the printed table and the heatmap")
-    p.add_argument("--ship", nargs="*", default=[], metavar="REL:N", help="write neuron_sets/smollm2-135m-relation-REL.json")
+    p.add_argument("--ship", nargs="*", default=[], metavar="REL:N", help="write neuron_sets/<model>-relation-REL.json")
     add_common(p)
     args = p.parse_args(argv)
     setup_threads(args.threads)
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for rel, n in ships.items():
         if rel not in result["evaluated"]:
             raise SystemExit(f"--ship {rel}: fewer than {config.min_known} known held-out prompts, not evaluated")
-        target = SHIPPED / f"smollm2-135m-relation-{rel}.json"
+        target = SHIPPED / f"{set_prefix(ref.name)}-relation-{rel}.json"
         row = result["matrices"][str(n)]["rows"][rel]
         metrics = {"n": n, "known_prompts": result["known_prompts"][rel], "acc_relation": row["accuracy"][rel],
                    "acc_by_relation": row["accuracy"], "worst_off_target": row["worst_off_target"],
