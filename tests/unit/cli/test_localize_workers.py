@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from helpers.paths import ROOT
 from helpers.tiny import save_tiny_checkpoint
@@ -48,6 +49,7 @@ def _per_example(out: Path) -> dict:
     return {entry["id"]: entry["result"] for entry in map(json.loads, lines[1:])}
 
 
+@pytest.mark.slow
 def test_cli_two_workers_write_the_one_process_set(tmp_path: Path) -> None:
     model, data = _setup(tmp_path)
     args = ["localize", "ircan", "--data", str(data), "--model", str(model), "--steps", "3", "--top-k", "5",

@@ -42,6 +42,8 @@ PARAMS = IRCANParams(steps=3, top_k=5, count=6)
 SPEC = get_method("ircan")
 INFO = RunInfo(name="ctx", data_file=None)
 
+pytestmark = pytest.mark.slow  # a local Ray cluster and worker processes: 8-17 s per test here
+
 
 @pytest.fixture(scope="module")
 def ray_session():
