@@ -92,6 +92,10 @@ def _common(method: Method) -> list[inspect.Parameter]:
         "progress": (bool, typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")),
         "step_chunk": (Optional[int], typer.Option(
             None, "--step-chunk", min=1, help="IG steps per batched pass (lower to save memory; same result).")),
+        "device_map": (Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]], typer.Option(
+            None, "--device-map",
+            help="Split the model over the visible devices (accelerate's device map) instead of --device: "
+                 "for a model larger than one GPU. Same scores as one device.")),
         "workers": (Optional[int], typer.Option(
             None, "--workers", min=1,
             help="Shard the examples over N Ray workers, each holding the model (one CPU, or one GPU with "
@@ -140,8 +144,10 @@ def _method_parameters(method: Method) -> list[inspect.Parameter]:
     return out
 
 
-def _check_workers(method: Method, workers: int | None, address: str | None) -> None:
+def _check_workers(method: Method, workers: int | None, address: str | None, device_map: str | None) -> None:
     """Refuse worker options that cannot apply, before anything is loaded."""
+    if workers is not None and device_map is not None:
+        raise KnSteerError("--device-map and --workers are not combined yet (a Ray worker gets one GPU)")
     if workers is None:
         if address is not None:
             raise KnSteerError("--address needs --workers N (how many workers to start on that cluster)")
@@ -170,7 +176,7 @@ def _run(method: Method, values: dict[str, Any]) -> None:
     params: BaseModel = method.parse_params(values)
     data, out = common["data"], common["out"]
     workers, address = common["workers"], common["address"]
-    _check_workers(method, workers, address)
+    _check_workers(method, workers, address, common["device_map"])
     data_format = common["data_format"] or method.format_names[0]
     if isinstance(method, ExampleMethod):
         loaded = method.load(data, data_format, common["limit"])
@@ -179,7 +185,8 @@ def _run(method: Method, values: dict[str, Any]) -> None:
     ref = resolve_model(common["model"], common["dtype"])
     scorer, config = None, None
     if workers is None:
-        hf_model, tokenizer = load_hf_model(ref, dtype=common["dtype"], device=common["device"])
+        hf_model, tokenizer = load_hf_model(ref, dtype=common["dtype"], device=common["device"],
+                                            device_map=common["device_map"])
     else:
         from kn_steer.localize.distributed import HFModelLoader, RayScorer
 
