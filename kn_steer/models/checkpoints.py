@@ -217,8 +217,11 @@ def load_tokenizer(ref: ModelRef):
     return AutoTokenizer.from_pretrained(ref.path)
 
 
-def load_hf_model(ref: ModelRef, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) in eval mode with gradients off for the weights."""
+def load_hf_model(ref: ModelRef, dtype: str = "float32", device: str = "cpu", device_map: Any = None):
+    """(model, tokenizer) in eval mode with gradients off for the weights.
+
+    ``device_map`` (accelerate's: ``auto``, ``balanced``, ``sequential`` or a dict) splits the
+    model over devices instead of putting it on ``device``: for a model larger than one device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -226,6 +229,9 @@ def load_hf_model(ref: ModelRef, dtype: str = "float32", device: str = "cpu"):
 
     adapter_for_config(AutoConfig.from_pretrained(ref.path))  # fail early on unsupported families
     tokenizer = load_tokenizer(ref)
-    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).to(device)
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype), device_map=device_map)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).to(device)
     model.eval().requires_grad_(False)
     return model, tokenizer
