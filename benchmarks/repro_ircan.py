@@ -34,7 +34,7 @@ from kn_steer.data import detect_format
 from kn_steer.eval.api import HFEvaluator
 from kn_steer.eval.cache import default_cache
 from kn_steer.eval.protocols import ircan
-from kn_steer.eval.scoring import RULES
+from kn_steer.eval.scoring import LENGTH_GROUPS, RULES
 from kn_steer.fileio import atomic_savefig, atomic_write_json
 
 PRESETS = {"memotrap": ("memotrap/dev.jsonl", "memotrap/test.jsonl"), "kre": ("kre/cose_dev.json", "kre/cose_test.json")}
@@ -127,7 +127,8 @@ def plot(result: dict[str, Any], rule: str, path: Path) -> None:
     axes[0].set_ylim(0, 1.15)
     axes[0].set_ylabel("test accuracy (context-faithful)")
     axes[0].legend(fontsize=8, loc="upper left", ncol=2)
-    groups = ("shorter", "longer")
+    # MemoTrap's choices are mostly of equal token length; COSE_KRE's rarely are
+    groups = [grp for grp in LENGTH_GROUPS if test["set"]["rules"]["total"]["by_length"][grp]["n"]]
     for g, grp in enumerate(groups):
         for k, (cond, lab) in enumerate((("unsteered", "unsteered"), ("set", "IRCAN"))):
             for j, r in enumerate(("total", "calibrated")):
@@ -152,13 +153,18 @@ def survives(test: dict[str, Any], rule: str, alpha: float = 0.05) -> bool:
 
 
 def verdict(test: dict[str, Any]) -> str:
+    """Which scoring rules the gain survives, and what losing each one means."""
     kept = [r for r in RULES if survives(test, r)]
     if not kept:
         return "No significant gain under any scoring rule (McNemar p < 0.05 and above matched random neurons)."
-    if kept == ["total"]:
-        return ("The gain is significant under total log-probability only, not under length-normalized or "
-                "calibrated scoring: it is mostly a preference for shorter answers.")
-    return f"Significant gain (p < 0.05, above matched random neurons) under: {', '.join(kept)} scoring."
+    text = f"Significant gain (p < 0.05, above matched random neurons) under {', '.join(kept)} scoring"
+    if "total" in kept and "mean" not in kept:
+        text += "; not under length-normalized scoring: it is mostly a preference for shorter answers"
+    if "calibrated" not in kept:
+        text += ("; not under calibrated scoring (log-prob after the prompt minus log-prob after the neutral premise "
+                 "'Answer:'): the set raises the faithful choices' probability after the neutral premise too, so the "
+                 "gain is mostly a shift of the choices' prior rather than a better use of the context")
+    return text + "."
 
 
 def description(name: str, result: dict[str, Any], rule: str) -> str:
@@ -176,9 +182,9 @@ def description(name: str, result: dict[str, Any], rule: str) -> str:
             f"({result['config']['loc_n']} examples, m={result['config']['steps']}, top {result['config']['top_k']} per "
             f"example, the h={cell['h']} most frequent; h and beta chosen on held-out dev by {rule} log-prob); default: "
             f"scale by {cell['beta']:g}. Test accuracy ({test['n']} items): " + "; ".join(parts) +
-            f". By relative length (total log-prob): correct choice shorter {base['shorter']['accuracy']:.2f} -> "
-            f"{mine['shorter']['accuracy']:.2f}, longer {base['longer']['accuracy']:.2f} -> "
-            f"{mine['longer']['accuracy']:.2f}. " + verdict(test))
+            ". By the correct choice's relative length in tokens (total log-prob): " +
+            ", ".join(f"{grp} ({base[grp]['n']} items) {base[grp]['accuracy']:.2f} -> {mine[grp]['accuracy']:.2f}"
+                      for grp in LENGTH_GROUPS if base[grp]["n"]) + ". " + verdict(test))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

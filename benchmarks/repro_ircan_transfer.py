@@ -31,8 +31,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = result["transfer"] + [{"source": "both", "target": t, **v}
-                                 for t, v in result["combined"]["chosen_by_rule"][result["rule"]]["per_dataset"].items()]
+    combined = result.get("combined")
+    runs = result["transfer"] + ([{"source": "both", "target": t, **v}
+                                  for t, v in combined["chosen_by_rule"][result["rule"]]["per_dataset"].items()]
+                                 if combined else [])
     fig, axes = plt.subplots(1, len(RULES), figsize=(4.2 * len(RULES), 4), sharey=True)
     for ax, rule in zip(axes, RULES):
         labels, groups = [], []
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--transfer-controls", default="matched", help="random control kinds on the other dataset")
     p.add_argument("--combined-hs", default="10,40,80", help="grid of h for the set localized over both")
     p.add_argument("--combined-betas", default="2,4", help="grid of beta for the set localized over both")
+    p.add_argument("--no-combined", action="store_true", help="skip the set localized over both datasets")
     args = p.parse_args(argv)
     setup_threads(args.threads)
     a, b = dataset_of(args, "a_"), dataset_of(args, "b_")
@@ -77,10 +80,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     across = config.model_copy(update={"controls": [c for c in args.transfer_controls.split(",") if c],
                                        "control_rules": [args.rule]})
     transfer = [ircan.transfer(ev, runs[src.name], args.rule, dst, across) for src, dst in ((a, b), (b, a))]
-    log("one set over both datasets")
-    both = across.model_copy(update={"hs": [int(h) for h in args.combined_hs.split(",")],
-                                     "betas": [float(b) for b in args.combined_betas.split(",")]})
-    combined = ircan.run_combined(ev, [a, b], both, rules=[args.rule])
+    combined = None
+    if not args.no_combined:
+        log("one set over both datasets")
+        both = across.model_copy(update={"hs": [int(h) for h in args.combined_hs.split(",")],
+                                         "betas": [float(b) for b in args.combined_betas.split(",")]})
+        combined = ircan.run_combined(ev, [a, b], both, rules=[args.rule])
     result = {"rule": args.rule, "datasets": [a.describe(config), b.describe(config)], "transfer": transfer,
               "own": {name: {"cell": r["chosen_by_rule"][args.rule],
                              "test": r["test"][r["chosen_by_rule"][args.rule]["result_of"]]} for name, r in runs.items()},

@@ -67,20 +67,21 @@ def plot(result: dict[str, Any], n: int, path: Path) -> None:
 
     rels = result["evaluated"]
     m = result["matrices"][str(n)]
-    grid = np.array([[m["rows"][r]["accuracy"][c] for c in rels] for r in rels]
+    rows = list(m["rows"])
+    grid = np.array([[m["rows"][r]["accuracy"][c] for c in rels] for r in rows]
                     + [[m["uniform"]["accuracy"][c] for c in rels]])
     fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), gridspec_kw={"width_ratios": [1.3, 1]})
     ax = axes[0]
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(rels)), rels, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(rels) + 1), rels + ["uniform random"], fontsize=7)
+    ax.set_yticks(range(len(rows) + 1), rows + ["uniform random"], fontsize=7)
     ax.set_xlabel("evaluated relation (known held-out prompts)")
     ax.set_ylabel(f"top-{n} neurons clamped to 0")
     ax.set_title(f"interference matrix, N={n}")
     fig.colorbar(im, ax=ax, fraction=0.04, label="accuracy (unsteered = 1)")
     ax = axes[1]
     counts = result["config"]["counts"]
-    for r in rels:
+    for r in rows:
         ax.plot(counts, [result["matrices"][str(k)]["rows"][r]["accuracy"][r] for k in counts], "o-", lw=1, ms=3,
                 label=r)
     ax.plot(counts, [sum(result["matrices"][str(k)]["uniform"]["accuracy"].values()) / len(rels) for k in counts],
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--test-facts", type=int, default=150)
     p.add_argument("--test-prompts", type=int, default=2)
     p.add_argument("--min-known", type=int, default=10)
+    p.add_argument("--rows", nargs="*", default=None, metavar="REL",
+                   help="suppressed relations (matrix rows; default every evaluated relation; --ship adds its own)")
     p.add_argument("--table-n", type=int, default=100, help="the N of the printed table and the heatmap")
     p.add_argument("--ship", nargs="*", default=[], metavar="REL:N", help="write neuron_sets/<model>-relation-REL.json")
     add_common(p)
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = RelationConfig(counts=sorted(set(args.counts) | set(ships.values())),
                             matched_counts=sorted(set(args.matched_counts)),
                             matched_extra=extra,
+                            rows=None if args.rows is None else list(dict.fromkeys([*args.rows, *ships])),
                             seeds=args.seeds, test_facts=args.test_facts, test_prompts=args.test_prompts,
                             min_known=args.min_known)
     out = output_path(args, f"relation-{Path(folder).name}")

@@ -6,7 +6,8 @@
    patterns per relation) that the unsteered model answers right (greedy first token). Every
    relation with at least ``min_known`` of them is *evaluated*.
 3. **Interference matrix**, for each N: row = the relation whose top-N neurons are clamped to 0
-   (every position), column = the evaluated relation whose known prompts are scored; cell =
+   (every position; every evaluated relation, or the config's ``rows``), column = the evaluated
+   relation whose known prompts are scored (always every one); cell =
    accuracy (1.0 unsteered by construction). Random rows: N neurons uniform over all layers, and
    per suppressed relation N neurons with its set's per-layer counts (``matched``; at the N of
    ``matched_counts`` for every row, and at ``matched_extra``), ``seeds`` seeds each. Per row: accuracy on its own relation, the worst off-target relation, and exact
@@ -61,6 +62,9 @@ class RelationConfig(BaseModel):
                                       description="N at which every row gets matched random rows")
     matched_extra: dict[str, list[int]] = Field(
         default_factory=dict, description="more (relation -> N) cells with matched random rows, e.g. shipped sets")
+    rows: list[str] | None = Field(
+        None, description="suppressed relations (matrix rows; None: every evaluated relation); columns are always "
+                          "every evaluated relation")
     seeds: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1, description="prompts per forward (activations)")
 
@@ -134,10 +138,11 @@ class RelationProtocol(FolderProtocol):
             return {r: sum(bits[i] == "1" for i in idx) / len(idx) for r, idx in rows_of.items()}
 
         matrices: dict[str, Any] = {}
+        suppressed = evaluated if cfg.rows is None else [r for r in cfg.rows if r in evaluated]
         for n in cfg.counts:
             uniform = [self.correct(known, uniform_neurons(n, self.shape, seed)) for seed in range(cfg.seeds)]
             rows = {}
-            for r in evaluated:
+            for r in suppressed:
                 neurons = [(l, i) for l, i, _ in tops[r][:n]]
                 bits = self.correct(known, neurons)
                 row: dict[str, Any] = {"accuracy": accuracy(bits), "correct": bits, "ap_at_n": tops[r][n - 1][2],
@@ -175,7 +180,7 @@ class RelationProtocol(FolderProtocol):
             "protocol": "relation", "model": self.ref.name, "model_fingerprint": self.ref.fingerprint,
             "data": str(self.folder), "data_sha256": self.folder_sha, "config": cfg.model_dump(),
             "corpus": {"prompts": len(self.corpus), "relations": len({c.relation for c in self.corpus})},
-            "held_out_prompts": per_relation, "known_prompts": known_n, "evaluated": evaluated,
+            "held_out_prompts": per_relation, "known_prompts": known_n, "evaluated": evaluated, "rows": suppressed,
             "baseline_accuracy_held_out": {r: known_n[r] / per_relation[r] for r in self.relations if per_relation[r]},
             "known_prompt_list": [[p.relation, p.prompt, p.target] for p in known],
             "matrices": matrices, "seconds": round(time.perf_counter() - started, 1),
