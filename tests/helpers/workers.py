@@ -59,3 +59,31 @@ class RaiseOnExample:
         if example.id == self.example_id:
             raise DataError(f"example {example.id!r} cannot be scored")
         return self.score(ctx, example, params)
+
+
+def assert_close(a: Any, b: Any, rel: float = 1e-5, where: str = "result") -> None:
+    """Equal structure and equal non-float values; floats equal to ``rel``.
+
+    Another process may sum in another order (its BLAS picks kernels by thread count and CPU), so
+    scores from a worker agree with one process to ~1e-7 relative, not bit for bit."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), f"{where}: {a!r} != {b!r}"
+        assert abs(a - b) <= rel * max(abs(a), abs(b), 1e-12), f"{where}: {a!r} != {b!r}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {a!r} != {b!r}"
+        for key in a:
+            assert_close(a[key], b[key], rel, f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, rel, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_neurons(a: Any, b: Any, metrics: bool = True) -> None:
+    """Two neuron sets: the same units in the same order, scores (and metrics) to ~1e-5 relative."""
+    assert [(n.layer, n.index) for n in a.neurons] == [(n.layer, n.index) for n in b.neurons]
+    assert_close([n.score for n in a.neurons], [n.score for n in b.neurons], where="scores")
+    if metrics:
+        assert_close(a.metrics, b.metrics, where="metrics")

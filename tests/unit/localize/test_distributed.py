@@ -17,7 +17,8 @@ import torch
 from helpers.paths import ROOT
 from helpers.tiny import build_tiny_model
 from helpers.tokenizer import word_tokenizer
-from helpers.workers import ExitOnExample, FailingLoader, RaiseOnExample, TinyLoader
+from helpers.workers import (ExitOnExample, FailingLoader, RaiseOnExample, TinyLoader, assert_close,
+                             assert_same_neurons)
 
 from kn_steer.errors import DataError, KnSteerError
 from kn_steer.localize import IRCANExample, RunInfo, get_method, run_localization
@@ -61,7 +62,8 @@ def reference(tmp_path_factory) -> tuple[NeuronSet, dict]:
     """The one-process run: its set and its per-example results by id.
 
     With the workers' torch thread count (Ray gives a 1-CPU actor 1 thread): another count sums
-    in another order, and the scores then differ in the last bits (~1e-7 relative)."""
+    in another order. Even then another process may differ in the last bits (~1e-7 relative),
+    so scores are compared to 1e-5."""
     out = tmp_path_factory.mktemp("one") / "ctx.json"
     model, tok = TinyLoader()()
     threads = torch.get_num_threads()
@@ -89,8 +91,8 @@ def _run_workers(spec, out: Path, scorer: RayScorer, **kw) -> NeuronSet:
 
 
 def _same_set(a: NeuronSet, b: NeuronSet) -> None:
-    assert [(n.layer, n.index, n.score) for n in a.neurons] == [(n.layer, n.index, n.score) for n in b.neurons]
-    assert a.metrics == b.metrics and a.method == b.method and a.model == b.model and a.operation == b.operation
+    assert_same_neurons(a, b)
+    assert a.method == b.method and a.model == b.model and a.operation == b.operation
 
 
 def test_two_workers_write_the_one_process_set(ray_session, reference, tmp_path: Path) -> None:
@@ -100,7 +102,7 @@ def test_two_workers_write_the_one_process_set(ray_session, reference, tmp_path:
     written = _run_workers(SPEC, out, scorer)
     _same_set(written, expected)
     _same_set(NeuronSet.load(out), expected)
-    assert _per_example(out) == per_example  # every example's scores, bit for bit
+    assert_close(_per_example(out), per_example)  # every example's neurons and scores
     assert written.metrics["resumed_examples"] == 0 and not checkpoint_path(out).exists()
     # two actors of their own, not this process
     assert len(set(scorer.worker_pids)) == 2 and os.getpid() not in scorer.worker_pids
@@ -108,8 +110,7 @@ def test_two_workers_write_the_one_process_set(ray_session, reference, tmp_path:
     # nothing left to compute: no worker starts (this loader would fail)
     again = _run_workers(SPEC, out, RayScorer(FailingLoader(), workers=2))
     assert again.metrics["resumed_examples"] == len(EXAMPLES)
-    assert [(n.layer, n.index, n.score) for n in again.neurons] == [(n.layer, n.index, n.score)
-                                                                    for n in expected.neurons]
+    assert_same_neurons(again, written, metrics=False)
 
 
 def test_a_killed_worker_loses_only_its_example_and_a_rerun_finishes(ray_session, reference,
@@ -127,9 +128,8 @@ def test_a_killed_worker_loses_only_its_example_and_a_rerun_finishes(ray_session
     resumed = _run_workers(SPEC, out, RayScorer(TinyLoader(), workers=2))
     assert resumed.metrics.pop("resumed_examples") == 5
     assert expected.metrics["resumed_examples"] == 0
-    assert [(n.layer, n.index, n.score) for n in resumed.neurons] == [(n.layer, n.index, n.score)
-                                                                      for n in expected.neurons]
-    assert _per_example(out) == per_example
+    assert_same_neurons(resumed, expected, metrics=False)
+    assert_close(_per_example(out), per_example)
 
 
 def test_a_method_error_in_a_worker_is_raised_as_in_one_process(ray_session, tmp_path: Path) -> None:
