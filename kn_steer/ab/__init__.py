@@ -49,7 +49,8 @@ def _validate(config: ExperimentsConfig, source: str, context: Any | None) -> bo
     plugin will load; the full check (neuron ranges, limits) runs again when the app is built.
     """
     if context is not None:
-        validate_specs(config, context.registry, context.shape, getattr(context, "limits", None), source)
+        validate_specs(config, context.registry, context.shape, getattr(context, "limits", None), source,
+                       presets=getattr(context, "presets", None))
         return True
     from kn_steer.sets.registry import NeuronSetRegistry, default_sets_dir
 

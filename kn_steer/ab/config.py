@@ -12,7 +12,8 @@ Format (JSON)::
          "control": "control", "outcome": "binary"}
     ]}
 
-``kn_steer: null`` (or an empty interventions list) is an unsteered arm. ``control`` names the arm
+An arm's spec may name a preset of the server (``{"preset": "faithful"}``, a preset of interventions;
+:mod:`kn_steer.steering.presets`). ``kn_steer: null`` (or an empty spec) is an unsteered arm. ``control`` names the arm
 the report compares the others against; by default the first unsteered arm, else the first arm.
 ``outcome`` (optional) fixes the type of the experiment's outcomes: ``"binary"`` (true/false;
 rates with Wilson intervals) or ``"numeric"`` (numbers; means with t intervals, kept inside
@@ -44,6 +45,7 @@ from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.models.families import ModelShape
 from kn_steer.steering.compile import compile_spec
 from kn_steer.steering.limits import RequestLimits
+from kn_steer.steering.presets import expand
 from kn_steer.steering.spec import SteeringSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -74,7 +76,7 @@ class Arm(BaseModel):
 
     @property
     def is_unsteered(self) -> bool:
-        return self.kn_steer is None or not self.kn_steer.interventions
+        return self.kn_steer is None or (not self.kn_steer.interventions and self.kn_steer.preset is None)
 
     def spec(self) -> SteeringSpec:
         """The spec a request of this arm is served with (empty for an unsteered arm)."""
@@ -208,8 +210,10 @@ def load_config(path: str | Path) -> ExperimentsConfig:
 def validate_specs(
     config: ExperimentsConfig, sets: Mapping[str, Any], shape: ModelShape | None,
     limits: RequestLimits | None = None, source: str = "experiments config",
+    presets: Mapping[str, SteeringSpec] | None = None,
 ) -> None:
-    """Compile every arm against the served registry: an unknown set or bad neuron stops start-up."""
+    """Compile every arm against the served registry and presets: an unknown set, preset or bad neuron
+    stops start-up. Without ``presets`` (not known yet) an arm naming a preset is checked later."""
     problems: list[str] = []
     for exp in config.experiments:
         for arm in exp.arms:
@@ -217,10 +221,19 @@ def validate_specs(
                 continue
             where = f"experiment {exp.name!r} arm {arm.name!r}: kn_steer"
             try:
+                spec = arm.spec()
+                if spec.preset is not None:
+                    if presets is None:
+                        spec = spec.model_copy(update={"preset": None})
+                    else:
+                        spec = expand(spec, presets, where)
+                        if spec.experiment is not None:
+                            raise SpecError(f"{where}.preset: preset {arm.spec().preset!r} is an experiment; "
+                                            "an arm cannot name another experiment")
                 if shape is None:
-                    _check_names_only(arm.spec(), sets, where)
+                    _check_names_only(spec, sets, where)
                 else:
-                    compile_spec(arm.spec(), sets, shape, where=where, limits=limits)
+                    compile_spec(spec, sets, shape, where=where, limits=limits)
             except SpecError as exc:
                 problems.append(f"  {exc}")
     if problems:

@@ -46,6 +46,8 @@ class ServeOptions:
     experiments: Path | None = None
     ab_log: Path | None = None
     extra: list[str] = field(default_factory=list)
+    presets: Path | None = None
+    set_presets: bool = True
 
     def environment(self) -> dict[str, str]:
         env = {}
@@ -88,6 +90,15 @@ def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         env["KN_STEER_EXPERIMENTS"] = str(opts.experiments.expanduser().resolve())
     if opts.ab_log is not None:
         env["KN_STEER_AB_LOG"] = str(opts.ab_log.expanduser().resolve())
+    if opts.presets is not None:
+        if not opts.presets.is_file():
+            raise KnSteerError(f"presets file {opts.presets} does not exist")
+        from kn_steer.steering.presets import load_presets_file
+
+        load_presets_file(opts.presets)  # a bad file: one message here, not one per vLLM process
+        env["KN_STEER_PRESETS"] = str(opts.presets.expanduser().resolve())
+    if not opts.set_presets:
+        env["KN_STEER_SET_PRESETS"] = "0"
     env.pop("KN_STEER_DISABLE", None)
     if importlib.util.find_spec("vllm") is None:
         raise KnSteerError("vLLM is not installed: pip install 'kn-steer[cpu]' (or [gpu])")
@@ -129,11 +140,13 @@ def register(app: typer.Typer) -> None:
         bank_mib: Optional[float] = typer.Option(None, "--bank-mib", help="Memory for mask slots per worker (256)."),
         experiments: Optional[Path] = typer.Option(None, "--experiments", help="A/B experiments config (JSON)."),
         ab_log: Optional[Path] = typer.Option(None, "--ab-log", help="A/B assignment log (JSONL)."),
+        presets: Optional[Path] = typer.Option(None, "--presets", help="Presets file (JSON): named specs, each served as the model id MODEL+NAME."),
+        set_presets: bool = typer.Option(True, "--set-presets/--no-set-presets", help="Serve every neuron set as a preset of its name (MODEL+SET)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the vLLM command and exit."),
     ) -> None:
         """Serve MODEL with per-request neuron steering (extra args after `--` go to `vllm serve`)."""
         opts = ServeOptions(model, sets, host, port, max_neurons, max_interventions, max_abs_factor, max_abs_value,
-                            slots, bank_mib, experiments, ab_log, list(ctx.args))
+                            slots, bank_mib, experiments, ab_log, list(ctx.args), presets, set_presets)
         argv, env = build_command(opts)
         if dry_run:
             typer.echo(" ".join(argv))

@@ -27,14 +27,14 @@ from fastapi import (
 )
 
 from kn_steer.errors import KnSteerError
-from kn_steer.serving import hooks, metrics
+from kn_steer.serving import hooks, metrics, preset_models
 from kn_steer.serving.edge import (
     STATUS_ATTR,
     SteeringRequestError,
     bind_context,
     prepare,
-    raw_spec,
     request_info,
+    requested_spec,
 )
 
 logger = logging.getLogger("kn_steer.serving")
@@ -85,6 +85,9 @@ def wrap_init_app_state(orig):
         summary = await verify_engine(engine_client)
         state.kn_steer_engine = summary
         logger.info("kn-steer: engine verified: %s", summary)
+        ctx = bind_context(engine_client.input_processor)
+        if ctx.enabled and summary.get("enabled") and getattr(state, "openai_serving_models", None) is not None:
+            preset_models.register(state, ctx.presets)
         return result
 
     return init_app_state
@@ -131,6 +134,7 @@ def steered_tokens(info: dict[str, Any], usage: Any) -> dict[str, int] | None:
 
 
 def _attach(response: Any, request: Any) -> Any:
+    preset_models.name_response(response, request)
     info = request_info(request)
     if info is None or response is None or not hasattr(response, "model_extra"):
         return response
@@ -181,7 +185,7 @@ def _with_info_on_first_chunk(gen: AsyncGenerator[str, None], info: dict[str, An
 
 def wrap_stream_generator(orig):
     def stream_generator(self, request, *args, **kwargs):
-        gen = orig(self, request, *args, **kwargs)
+        gen = preset_models.name_stream(orig(self, request, *args, **kwargs), request)
         info = request_info(request)
         return gen if info is None else _with_info_on_first_chunk(gen, info)
 
@@ -253,14 +257,15 @@ def _wrap_create(endpoint: str, prefix: str):
     def wrapper(orig):
         async def create(self, request, raw_request=None, *args, **kwargs):
             started = time.perf_counter()
-            if raw_spec(request) is not None:
-                engine = getattr(getattr(self, "engine_client", None), "input_processor", None)
-                try:  # parse + compile in a thread: a large spec must not block the event loop
+            try:
+                if requested_spec(request) is not None:
+                    engine = getattr(getattr(self, "engine_client", None), "input_processor", None)
+                    # parse + compile in a thread: a large spec must not block the event loop
                     await asyncio.to_thread(prepare, request, _response_id(prefix, request, raw_request),
                                             getattr(engine, STATUS_ATTR, None))
-                except SteeringRequestError:
-                    metrics.REJECTED.inc()
-                    raise
+            except SteeringRequestError:
+                metrics.REJECTED.inc()
+                raise
             try:
                 result = await orig(self, request, raw_request, *args, **kwargs)
             except Exception as exc:
@@ -310,6 +315,7 @@ def install_routes(app: Any) -> None:
 
     async def list_sets() -> JSONResponse:
         ctx = current_context()
+        model_id = {name: mid for mid, name in preset_models.model_ids().items()}
         return JSONResponse({
             "object": "list",
             "enabled": ctx.enabled,
@@ -317,6 +323,8 @@ def install_routes(app: Any) -> None:
             "model": ctx.identity.model_dump() if ctx.identity is not None else None,
             "folder": str(ctx.registry.folder) if ctx.registry.folder else None,
             "limits": ctx.limits.describe(),
+            "presets": [{"name": name, "model": model_id.get(name), "kn_steer": spec.model_dump(mode="json", exclude_defaults=True)}
+                        for name, spec in ctx.presets.items()],
             "data": json.loads(json.dumps(ctx.registry.describe(), default=str)),
         })
 

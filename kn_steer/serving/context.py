@@ -20,6 +20,7 @@ from kn_steer.serving.settings import ServingSettings, load_settings
 from kn_steer.sets.format import ModelIdentity, model_identity
 from kn_steer.sets.registry import NeuronSetRegistry
 from kn_steer.steering.limits import RequestLimits
+from kn_steer.steering.spec import SteeringSpec
 
 logger = logging.getLogger("kn_steer.serving")
 
@@ -37,6 +38,7 @@ class ServingContext:
     shape: ModelShape | None = None
     identity: ModelIdentity | None = None
     registry: NeuronSetRegistry = field(default_factory=lambda: NeuronSetRegistry({}, None))
+    presets: dict[str, SteeringSpec] = field(default_factory=dict)
 
     @property
     def max_neurons(self) -> int:
@@ -83,9 +85,11 @@ def load_context(model_path: str, hf_config: Any, dtype: Any = None) -> ServingC
                     else:  # installed without the project's neuron_sets/: explicit neurons only
                         registry = NeuronSetRegistry({}, None)
                     _check_set_doses(registry, shape, limits)
+                    presets = _load_presets(settings, registry, shape, limits)
                 except KnSteerError as exc:
                     raise type(exc)(f"kn-steer refuses to start: {exc}") from exc
-                ctx = ServingContext(str(model_path), True, "", settings, limits, adapter, shape, identity, registry)
+                ctx = ServingContext(str(model_path), True, "", settings, limits, adapter, shape, identity, registry,
+                                     presets)
         _contexts[key] = ctx
         return ctx
 
@@ -100,6 +104,31 @@ def _check_set_doses(registry: NeuronSetRegistry, shape: ModelShape, limits: Req
     for name in registry:
         compile_spec({"interventions": [{"set": name}]}, registry, shape, doses_only,
                      where=f"neuron set {name!r} (its default operation)")
+
+
+def _load_presets(settings: ServingSettings, registry: NeuronSetRegistry, shape: ModelShape,
+                  limits: RequestLimits) -> dict[str, SteeringSpec]:
+    """The served presets: one per set that fits the limits, plus the presets file's, all compiled once.
+
+    An experiment preset is checked against the experiments when the API server is built."""
+    from kn_steer.errors import SpecError
+    from kn_steer.steering.compile import compile_spec
+    from kn_steer.steering.presets import load_presets_file, merge_presets, presets_of_sets
+
+    from_sets = {}
+    if settings.set_presets:
+        for name, spec in presets_of_sets(registry).items():
+            try:
+                compile_spec(spec, registry, shape, limits)
+            except SpecError as exc:  # e.g. a set larger than one request may touch: usable per layer only
+                logger.warning("kn-steer: neuron set %r is not served as a preset: %s", name, exc)
+                continue
+            from_sets[name] = spec
+    from_file = load_presets_file(settings.presets_file) if settings.presets_file is not None else {}
+    for name, spec in from_file.items():
+        if spec.experiment is None:
+            compile_spec(spec, registry, shape, limits, where=f"preset {name!r}")
+    return merge_presets(from_sets, from_file, str(settings.presets_file or "presets"))
 
 
 def current_context() -> ServingContext:

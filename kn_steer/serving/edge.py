@@ -30,7 +30,8 @@ from kn_steer.serving.context import ServingContext, current_context, load_conte
 from kn_steer.serving.wire import RAW_KEY, WIRE_KEY
 from kn_steer.steering.compile import compile_spec
 from kn_steer.steering.masks import CompiledSteering
-from kn_steer.steering.spec import SteeringSpec, parse_spec
+from kn_steer.steering.presets import expand, with_preset
+from kn_steer.steering.spec import MAX_UNIT_CHARS, SteeringSpec, parse_spec
 
 INFO_ATTR = "_kn_steer_info"  # kept in the request's pydantic extras, for the response
 STATUS_ATTR = "_kn_steer_engine"  # set on an InputProcessor once its engine's workers passed the self-check
@@ -97,16 +98,21 @@ def resolve(ctx: ServingContext, raw: Any, request_id: str | None) -> tuple[Stee
         raise SteeringRequestError(f"kn_steer: steering is not available for this model: {ctx.reason}")
     try:
         spec = parse_spec(raw)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"preset": spec.preset} if spec.preset is not None else {}
+        spec = expand(spec, ctx.presets)
         if spec.experiment is not None:
             resolver = hooks.experiment_resolver
             if resolver is None:
                 raise SpecError("kn_steer.experiment: A/B experiments are not available on this server "
                                 "(the kn_steer.ab layer is not installed)")
-            spec, extra = resolver(spec, request_id or uuid.uuid4().hex)
+            spec, drawn = resolver(spec, request_id or uuid.uuid4().hex)
+            extra.update(drawn)
             spec = parse_spec(spec)
             if spec.experiment is not None:
                 raise SpecError("kn_steer.experiment: the experiment resolver returned another experiment")
+            spec = expand(spec, ctx.presets, where=f"experiment {drawn.get('experiment')!r} arm {drawn.get('arm')!r}")
+            if spec.experiment is not None:
+                raise SpecError(f"kn_steer: the drawn arm {drawn.get('arm')!r} names a preset that is an experiment")
         compiled = _cache(ctx).get(ctx, spec)
     except SteeringRequestError:
         raise
@@ -191,6 +197,27 @@ def raw_spec(request: Any) -> Any:
     return xargs.get(RAW_KEY)
 
 
+def requested_spec(request: Any) -> Any:
+    """The spec an API request asks for: its own, plus the preset its model id names (if any).
+
+    A request to a preset's model id without a unit of its own uses the OpenAI ``user`` field as
+    the A/B unit (it only matters when the preset is an experiment)."""
+    from kn_steer.serving.preset_models import preset_of_model
+
+    raw = raw_spec(request)
+    preset = preset_of_model(getattr(request, "model", None))
+    if preset is None:
+        return raw
+    try:
+        spec = with_preset(parse_spec(raw) if raw is not None else None, preset)
+    except KnSteerError as exc:
+        raise SteeringRequestError(str(exc)) from None
+    user = getattr(request, "user", None)
+    if spec.unit is None and isinstance(user, str) and 0 < len(user) <= MAX_UNIT_CHARS:
+        spec = spec.model_copy(update={"unit": user})
+    return spec.model_dump(mode="json", exclude_none=True)
+
+
 def request_info(request: Any) -> dict[str, Any] | None:
     """What was applied to this API request (set by :func:`prepare`), for the response."""
     extras = getattr(request, "__pydantic_extra__", None) or {}
@@ -203,7 +230,7 @@ def prepare(request: Any, response_id: str | None = None, engine: dict[str, Any]
 
     ``response_id``: the id the client will see (A/B records are keyed by it); ``engine``: the
     verified engine's summary, reported in the response."""
-    raw = raw_spec(request)
+    raw = requested_spec(request)
     extras = request.__pydantic_extra__
     if raw is None or extras is None or extras.get(INFO_ATTR) is not None:
         if raw is None and WIRE_KEY in (getattr(request, "vllm_xargs", None) or {}):
@@ -236,8 +263,9 @@ def wrap_to_sampling_params(orig):
 
 def wrap_to_beam_search_params(orig):
     def to_beam_search_params(self, *args, **kwargs):
-        if raw_spec(self) is not None:
-            raise SteeringRequestError("kn_steer cannot be combined with beam search (use_beam_search)")
+        if requested_spec(self) is not None:
+            raise SteeringRequestError("kn_steer (or a preset's model) cannot be combined with beam search "
+                                       "(use_beam_search)")
         return orig(self, *args, **kwargs)
 
     return to_beam_search_params

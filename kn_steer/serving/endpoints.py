@@ -8,6 +8,8 @@ requests with HTTP 400 naming the endpoint, whether the field is at the top leve
 of a request that carries ``kn_steer`` (``KN_STEER_MAX_SPEC_BYTES``) before it is parsed. A
 ``GET /metrics`` first refreshes the engine's steering gauges (:mod:`.metrics`).
 
+A preset's model id (:mod:`.preset_models`) is refused on the other endpoints the same way.
+
 Requests without ``kn_steer`` cost a substring search of their body and nothing else.
 """
 
@@ -55,6 +57,10 @@ class SteeringGuard:
             problem = self._problem(path, body)
             if problem is not None:
                 return await _reject(send, problem)
+        if path not in STEERED_PATHS:
+            problem = _preset_elsewhere(path, body)
+            if problem is not None:
+                return await _reject(send, problem, param="model")
         return await self.app(scope, _replay(body, receive, more), send)
 
     @staticmethod
@@ -75,6 +81,24 @@ class SteeringGuard:
             return (f"kn_steer is not supported on {path}: kn-steer applies it on "
                     f"{' and '.join(sorted(STEERED_PATHS))} only; remove it or use one of those endpoints")
         return None
+
+
+def _preset_elsewhere(path: str, body: bytes) -> str | None:
+    """A preset's model id on an endpoint kn-steer does not steer: it would run the base model unsteered."""
+    from kn_steer.serving.preset_models import model_ids
+
+    ids = model_ids()
+    if not ids or not any(model_id.encode() in body for model_id in ids):
+        return None
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    if model not in ids:
+        return None
+    return (f"model {model!r} is the kn-steer preset {ids[model]!r}, served on "
+            f"{' and '.join(sorted(STEERED_PATHS))} only; {path} would run the base model unsteered")
 
 
 async def _read_body(receive: Any) -> tuple[bytes, bool]:
@@ -101,8 +125,8 @@ def _replay(body: bytes, receive: Any, _more: bool):
     return replay
 
 
-async def _reject(send: Any, message: str) -> None:
-    payload = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": "kn_steer",
+async def _reject(send: Any, message: str, param: str = "kn_steer") -> None:
+    payload = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param,
                                     "code": 400}}).encode()
     await send({"type": "http.response.start", "status": 400,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})

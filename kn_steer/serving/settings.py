@@ -15,6 +15,8 @@ stops start-up with a message naming the variable.
 | ``KN_STEER_COMPILE_CACHE_MIB`` | memory for compiled specs in the API server | 256 |
 | ``KN_STEER_BANK_MIB`` | memory for mask slots per worker | 256 |
 | ``KN_STEER_SLOTS`` | mask slots per worker (overrides the budget) | from the budget |
+| ``KN_STEER_PRESETS`` | presets file (:mod:`kn_steer.steering.presets`) | none |
+| ``KN_STEER_SET_PRESETS=0`` | do not serve each neuron set as a preset of its name | on |
 | ``KN_STEER_DISABLE=1`` | leave vLLM untouched | off |
 """
 
@@ -36,6 +38,8 @@ from kn_steer.steering.limits import (
 )
 
 ENV_DISABLE = "KN_STEER_DISABLE"
+PRESETS_ENV = "KN_STEER_PRESETS"
+SET_PRESETS_ENV = "KN_STEER_SET_PRESETS"
 _MAX_DOSE_SETTING = 1e30  # a float32 product of such a dose and an activation stays finite
 
 
@@ -54,6 +58,8 @@ class ServingSettings(BaseModel):
     compile_cache_bytes: int = 256 << 20
     bank_bytes: int = 256 << 20
     slots: int | None = None
+    presets_file: Path | None = None
+    set_presets: bool = True
 
     def limits(self, dtype: str | None) -> RequestLimits:
         return RequestLimits.for_dtype(
@@ -64,6 +70,17 @@ class ServingSettings(BaseModel):
 
 def disabled() -> bool:
     return os.environ.get(ENV_DISABLE, "").strip().lower() in {"1", "true", "yes"}
+
+
+def _switch(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise KnSteerError(f"${name} must be 0 or 1, got {os.environ[name]!r}")
 
 
 def _number(name: str, kind: type, minimum: float, maximum: float = math.inf) -> float | int | None:
@@ -97,4 +114,11 @@ def load_settings() -> ServingSettings:
         value = _number(name, float, 1.0, 1 << 20)
         if value is not None:
             fields[field] = int(value * (1 << 20))
+    presets = os.environ.get(PRESETS_ENV, "").strip()
+    if presets:
+        path = Path(presets).expanduser()
+        if not path.is_file():
+            raise KnSteerError(f"${PRESETS_ENV}: presets file {path} does not exist")
+        fields["presets_file"] = path.resolve()
+    fields["set_presets"] = _switch(SET_PRESETS_ENV, True)
     return ServingSettings(sets_dir=default_sets_dir(), sets_dir_explicit=bool(os.environ.get(SETS_ENV)), **fields)

@@ -90,7 +90,10 @@ PATCHES: tuple[Patch, ...] = (
     Patch("vllm.entrypoints.launchers.app", "attach_endpoint_plugins", f"{_API}:wrap_attach_endpoint_plugins",
           "kn-steer's routes and the middleware that refuses kn_steer where it cannot be applied"),
     Patch("vllm.entrypoints.launchers.api_server.entry", "init_app_state", f"{_API}:wrap_init_app_state",
-          "ask every worker for its self-check before the server answers"),
+          "ask every worker for its self-check before the server answers; serve presets as model ids"),
+    Patch("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.show_available_models",
+          "kn_steer.serving.preset_models:wrap_show_available_models",
+          "a preset's model card names the base model as its parent"),
     Patch("vllm.v1.engine.llm_engine", "LLMEngine.__init__", f"{_API}:wrap_llm_engine_init",
           "offline engines (vllm.LLM): ask every worker for its self-check before the first request"),
     Patch("vllm.v1.worker.gpu_worker", "Worker.load_model", f"{_V1}:_wrap_load_model",
@@ -146,8 +149,13 @@ READS: tuple[Read, ...] = (
     Read("Request / EngineCoreRequest", ("sampling_params", "cache_salt", "request_id"), "masks and prefix-cache salt"),
     Read("AsyncLLM / LLMEngine", ("collective_rpc", "input_processor"), "the self-check answer"),
     Read("InputProcessor (instance)", ("vllm_config",), "the served model, to bind the engine's serving context"),
-    Read("OpenAI protocol requests", ("vllm_xargs", "model_extra", "__pydantic_extra__", "request_id"),
-         "where a client's kn_steer spec arrives"),
+    Read("OpenAI protocol requests", ("vllm_xargs", "model_extra", "__pydantic_extra__", "request_id", "model", "user"),
+         "where a client's kn_steer spec arrives; the preset a model id names; the A/B unit of a preset request"),
+    Read("app state (API server)", ("openai_serving_models",), "presets served as models"),
+    Read("OpenAIServingModels (instance)", ("base_model_paths",),
+         "preset model ids appended (the list vLLM's model check and /v1/models read)"),
+    Read("BaseModelPath / ModelCard", ("name", "model_path", "id", "parent"), "preset model ids and their cards"),
+    Read("completion / chat responses and stream chunks", ("model",), "a preset request's response names the preset's id"),
 )
 
 

@@ -172,6 +172,8 @@ def compile_spec(
     spec = parse_spec(spec, where)
     if spec.experiment is not None:
         raise SpecError(f"{where}.experiment: experiments are resolved by the A/B layer, not here")
+    if spec.preset is not None:
+        raise SpecError(f"{where}.preset: presets are expanded by the server (kn_steer.steering.presets), not here")
     if len(spec.interventions) > limits.max_interventions:
         raise SpecError(f"{where}.interventions: {len(spec.interventions)} interventions, more than this "
                         f"server's limit of {limits.max_interventions}")

@@ -80,21 +80,27 @@ class Intervention(BaseModel):
 
 
 class SteeringSpec(BaseModel):
-    """The ``kn_steer`` request field: interventions, or an A/B experiment to draw an arm from."""
+    """The ``kn_steer`` request field: interventions, or an A/B experiment to draw an arm from.
+
+    ``preset`` names a spec the server keeps (:mod:`kn_steer.steering.presets`); the server expands
+    it before compiling, its interventions first, then this spec's own."""
 
     model_config = ConfigDict(extra="forbid")
 
     interventions: Annotated[list[Intervention], Field(max_length=SCHEMA_MAX_INTERVENTIONS)] = Field(
         default_factory=list)
     experiment: Name | None = None
+    preset: Name | None = None
     unit: Annotated[str, Strict(), Field(max_length=MAX_UNIT_CHARS)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "SteeringSpec":
         if self.experiment is not None and self.interventions:
             raise ValueError("give either 'interventions' or 'experiment', not both")
-        if self.unit is not None and self.experiment is None:
-            raise ValueError("'unit' is only meaningful with 'experiment'")
+        if self.experiment is not None and self.preset is not None:
+            raise ValueError("give either 'preset' or 'experiment', not both")
+        if self.unit is not None and self.experiment is None and self.preset is None:
+            raise ValueError("'unit' is only meaningful with 'experiment' (or a 'preset' that is one)")
         return self
 
 

@@ -93,6 +93,25 @@ def sets_dir() -> Path:
     return _state["sets"]
 
 
+# name -> spec: a preset of two sets, one at prompt positions only (the sets' presets come free)
+TEST_PRESETS: dict[str, Any] = {
+    "t-mix": {"interventions": [{"set": "t-boost"}, {"set": "t-clamp", "positions": "prompt"}]},
+}
+
+
+def write_presets(path: Path, presets: dict[str, Any] = TEST_PRESETS) -> Path:
+    path.write_text(json.dumps({"presets": presets}))
+    return path
+
+
+def presets_file() -> Path:
+    """A presets file with :data:`TEST_PRESETS`, beside the test sets (made once)."""
+    if "presets" not in _state:
+        _state["presets"] = write_presets(sets_dir().parent / f"{sets_dir().name}-presets.json")
+        atexit.register(_state["presets"].unlink, True)
+    return _state["presets"]
+
+
 def registry():
     from kn_steer.sets.format import model_identity
     from kn_steer.sets.registry import NeuronSetRegistry
@@ -185,15 +204,18 @@ SERVER_MAX_NEURONS = 20000
 
 
 def start_server(sets: Path, extra: list[str] | None = None, timeout: float = 900,
-                 max_neurons: int = SERVER_MAX_NEURONS) -> Server:
+                 max_neurons: int = SERVER_MAX_NEURONS, presets: Path | None = None) -> Server:
     """``kn-steer serve`` in a subprocess (engine settings of :func:`offline_llm`, but eager:
-    vLLM's compile cache does not load back on this CPU build, and a compile costs minutes)."""
+    vLLM's compile cache does not load back on this CPU build, and a compile costs minutes).
+
+    Presets: ``presets``, else ``$KN_STEER_PRESETS``, else :data:`TEST_PRESETS`."""
     _base_env()
     port = _free_port()
     log = Path(tempfile.mkstemp(prefix="kn-steer-server-", suffix=".log")[1])
+    presets = presets or Path(os.environ.get("KN_STEER_PRESETS") or presets_file())
     args = [
         sys.executable, "-m", "kn_steer.cli", "serve", "--port", str(port), "--sets", str(sets),
-        "--max-neurons", str(max_neurons), "--", "--enforce-eager",
+        "--max-neurons", str(max_neurons), "--presets", str(presets), "--", "--enforce-eager",
         "--dtype", ENGINE_KW["dtype"], "--max-model-len", str(ENGINE_KW["max_model_len"]),
         "--max-num-seqs", str(ENGINE_KW["max_num_seqs"]), "--seed", str(ENGINE_KW["seed"]),
         *(extra or []),

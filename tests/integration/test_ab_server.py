@@ -39,21 +39,30 @@ PROMPT = "The capital of France is"
 _AB_DIR = Path(tempfile.mkdtemp(prefix="kn-steer-ab-test-"))
 atexit.register(shutil.rmtree, _AB_DIR, True)  # registered before the server's stop: runs after it
 CONFIG_PATH = _AB_DIR / "experiments.json"
+PRESETS_PATH = _AB_DIR / "presets.json"
 LOG_PATH = _AB_DIR / "ab.jsonl"
+# an experiment whose arm names a preset, served itself as the preset "t-ab" (model id SERVED+t-ab)
+PRESET_EXPERIMENT = "ab-presets"
+PRESET_ARMS = [("plain", None, 1.0), ("mixed", {"preset": "t-mix"}, 1.0)]
+AB_PRESETS = {**serving_helpers.TEST_PRESETS, "t-ab": {"experiment": PRESET_EXPERIMENT}}
 
 
 def write_config(path: Path, arms=ARMS) -> Path:
-    path.write_text(json.dumps({"experiments": [{
-        "name": EXPERIMENT, "control": "control",
-        "arms": [{"name": n, "kn_steer": s, "weight": w} for n, s, w in arms],
-    }]}))
+    path.write_text(json.dumps({"experiments": [
+        {"name": EXPERIMENT, "control": "control",
+         "arms": [{"name": n, "kn_steer": s, "weight": w} for n, s, w in arms]},
+        {"name": PRESET_EXPERIMENT, "arms": [{"name": n, "kn_steer": s, "weight": w} for n, s, w in PRESET_ARMS]},
+    ]}))
     return path
 
 
 @contextmanager
 def ab_env(config: Path, log: Path):
-    saved = {k: os.environ.get(k) for k in ("KN_STEER_EXPERIMENTS", "KN_STEER_AB_LOG")}
+    serving_helpers.write_presets(PRESETS_PATH, AB_PRESETS)
+    names = ("KN_STEER_EXPERIMENTS", "KN_STEER_AB_LOG", "KN_STEER_PRESETS")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["KN_STEER_EXPERIMENTS"], os.environ["KN_STEER_AB_LOG"] = str(config), str(log)
+    os.environ["KN_STEER_PRESETS"] = str(PRESETS_PATH)
     try:
         yield
     finally:
@@ -313,3 +322,33 @@ def test_bad_config_refuses_to_start(tmp_path):
             serving_helpers.start_server(serving_helpers.sets_dir(), timeout=600)
     text = str(err.value)
     assert "server exited" in text and "unknown neuron set 'no-such-set'" in text and "ghost" in text
+
+
+def test_a_preset_model_draws_arms_that_name_presets(ab_server):
+    """The model id SERVED+t-ab is an experiment preset: the OpenAI ``user`` field is its unit, and
+    the arm "mixed" names the preset t-mix, served exactly as the preset's own spec."""
+    srv, log_path = ab_server
+    client = srv.client()
+    model = f"{serving_helpers.SERVED_NAME}+t-ab"
+    weights = [w for *_, w in PRESET_ARMS]
+    by_arm = {}
+    for unit in [f"preset-user-{i}" for i in range(16)]:
+        resp = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0, user=unit)
+        info = resp.model_extra["kn_steer"]
+        arm = PRESET_ARMS[assign(PRESET_EXPERIMENT, weights, unit)[0]][0]
+        assert (info["preset"], info["experiment"], info["arm"], info["unit"]) == ("t-ab", PRESET_EXPERIMENT, arm, unit)
+        assert resp.model == model
+        by_arm.setdefault(arm, resp)
+    assert set(by_arm) == {"plain", "mixed"}
+    assert [a["set"] for a in by_arm["mixed"].model_extra["kn_steer"]["applied"]] == ["t-boost", "t-clamp"]
+    direct = client.completions.create(model=serving_helpers.SERVED_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       extra_body={"kn_steer": AB_PRESETS["t-mix"]})
+    plain = client.completions.create(model=serving_helpers.SERVED_NAME, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert by_arm["mixed"].choices[0].text == direct.choices[0].text != plain.choices[0].text
+    assert by_arm["plain"].choices[0].text == plain.choices[0].text
+    rec = _row(read_log(log_path).requests, by_arm["mixed"].id).record
+    assert rec.experiment == PRESET_EXPERIMENT and rec.arm == "mixed"
+    with pytest.raises(openai.BadRequestError) as err:  # interventions cannot join an experiment
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2,
+                                  extra_body={"kn_steer": {"interventions": [{"set": "t-boost"}]}})
+    assert "preset 't-ab' is the A/B experiment 'ab-presets'" in str(err.value)

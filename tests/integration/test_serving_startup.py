@@ -74,6 +74,22 @@ def test_configurations_kn_steer_cannot_honour_are_refused(tiny_llama, monkeypat
     assert message in text and "KN_STEER_DISABLE=1" in text
 
 
+@pytest.mark.parametrize("preset, message", [
+    ({"interventions": [{"set": "no-such-set"}]}, "preset 'p'.interventions[0].set: unknown neuron set 'no-such-set'"),
+    ({"interventions": [{"neurons": [[0, 1]], "op": "scale", "factor": 1e6}]}, "beyond this server's limit |factor| <= 100"),
+])
+def test_a_preset_that_cannot_be_served_refuses_start_up(tiny_llama, monkeypatch, tmp_path, preset, message):
+    import json
+
+    from kn_steer.errors import KnSteerError
+
+    presets = tmp_path / "presets.json"
+    presets.write_text(json.dumps({"presets": {"p": preset}}))
+    with pytest.raises(KnSteerError) as err:
+        _config(tiny_llama, monkeypatch, {"KN_STEER_PRESETS": str(presets)})
+    assert "kn-steer refuses to start" in str(err.value) and message in str(err.value), str(err.value)
+
+
 def test_an_unsteerable_model_keeps_every_configuration(tmp_path, monkeypatch):
     """GPT-2 is served without steering, so nothing is refused on its account."""
     save_tiny_checkpoint("gpt2", tmp_path / "gpt2")

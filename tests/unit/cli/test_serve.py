@@ -31,3 +31,15 @@ def test_bad_flags_are_refused_before_vllm_starts(tmp_path):
         build_command(ServeOptions(sets=tmp_path, max_abs_value=-1.0))
     with pytest.raises(KnSteerError, match="does not exist"):
         build_command(ServeOptions(sets=tmp_path / "missing"))
+
+
+def test_presets_flags_become_the_plugins_environment(tmp_path):
+    presets = tmp_path / "presets.json"
+    presets.write_text('{"presets": {"faithful": {"interventions": [{"set": "s", "factor": 4.0}]}}}')
+    _, env = build_command(ServeOptions(sets=tmp_path, presets=presets, set_presets=False))
+    assert env["KN_STEER_PRESETS"] == str(presets.resolve()) and env["KN_STEER_SET_PRESETS"] == "0"
+    presets.write_text('{"presets": {"faithful": {}}}')
+    with pytest.raises(KnSteerError, match="preset 'faithful' has neither interventions nor an experiment"):
+        build_command(ServeOptions(sets=tmp_path, presets=presets))
+    with pytest.raises(KnSteerError, match="presets file .* does not exist"):
+        build_command(ServeOptions(sets=tmp_path, presets=tmp_path / "missing.json"))

@@ -59,3 +59,34 @@ def test_compile_cache_is_bounded_by_bytes():
 ])
 def test_the_endpoint_guard_finds_the_field_wherever_vllm_would_read_it(body, expected):
     assert _carries_spec(body) is expected
+
+
+def test_presets_become_model_ids_and_experiment_presets_must_exist(monkeypatch):
+    """``preset_models.register`` on vLLM's own models object (no engine needed to build one)."""
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.models.protocol import BaseModelPath
+
+    from kn_steer.errors import KnSteerError, SpecError
+    from kn_steer.serving import hooks, preset_models
+    from kn_steer.steering.spec import SteeringSpec
+
+    base = [BaseModelPath(name="m", model_path="/models/m")]
+    state = SimpleNamespace(openai_serving_models=SimpleNamespace(base_model_paths=base))
+    presets = {"a": parse_spec({"interventions": [{"set": "s"}]}), "ab": parse_spec({"experiment": "e1"})}
+    monkeypatch.setattr(preset_models, "_model_ids", {})
+    monkeypatch.setattr(hooks, "experiment_resolver", None)
+    with pytest.raises(KnSteerError, match="preset 'ab' is the A/B experiment 'e1', but no experiments"):
+        preset_models.register(state, presets)
+
+    def resolver(spec: SteeringSpec, request_id: str):
+        if spec.experiment != "e1":
+            raise SpecError(f"kn_steer.experiment: unknown experiment {spec.experiment!r}")
+        return SteeringSpec(), {}
+
+    monkeypatch.setattr(hooks, "experiment_resolver", resolver)
+    with pytest.raises(KnSteerError, match="preset 'x': kn_steer.experiment: unknown experiment 'e2'"):
+        preset_models.register(state, {"x": parse_spec({"experiment": "e2"})})
+    assert preset_models.register(state, presets) == {"m+a": "a", "m+ab": "ab"}
+    assert [p.name for p in base] == ["m", "m+a", "m+ab"] and base[1].model_path == "/models/m"
+    assert preset_models.preset_of_model("m+ab") == "ab" and preset_models.preset_of_model("m") is None
