@@ -96,6 +96,7 @@ def install(config_path: str | os.PathLike | None = None, *, context: Any | None
         if config is not None:  # without experiments there is nothing to record: no per-request cost
             hooks.add_request_listener(service.on_request)
         hooks.add_route_installer(install_routes)
+        hooks.add_set_users(service.arms_using)
         _service = service
         if config is not None:
             logger.info("kn-steer A/B: %d experiment(s) from %s, log %s",
@@ -110,6 +111,8 @@ def _unregister(service: ABService) -> None:
         hooks.set_experiment_resolver(None)
     if service.on_request in hooks.request_listeners:
         hooks.request_listeners.remove(service.on_request)
+    if service.arms_using in hooks.set_users:
+        hooks.set_users.remove(service.arms_using)
     installer = getattr(service, "route_installer", None)
     if installer in hooks.route_installers:
         hooks.route_installers.remove(installer)

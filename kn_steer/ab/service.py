@@ -31,6 +31,7 @@ from kn_steer.ab.log import (
 from kn_steer.ab.metrics import get_metrics
 from kn_steer.ab.outcomes import OutcomeLedger
 from kn_steer.errors import KnSteerError, SpecError
+from kn_steer.serving.endpoints import read_bounded
 from kn_steer.steering.spec import (  # a unit is echoed and logged: bounded
     MAX_UNIT_CHARS,
     SteeringSpec,
@@ -66,19 +67,6 @@ def _bounded_prompt(value: Any) -> Any:
     return {"truncated": True, "chars": len(text), "head": text[:MAX_LOGGED_PROMPT_CHARS]}
 
 
-async def _read_bounded(request: Request, limit: int) -> bytes | None:
-    """The request body, or None once it passes ``limit`` bytes (never buffered beyond that)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
 class ABService:
     """Experiment resolution, request recording and outcome attachment for one API server."""
 
@@ -95,6 +83,14 @@ class ABService:
             for exp in config.experiments:
                 for arm in exp.arms:
                     self.metrics.declare(exp.name, arm.name)
+
+    # -- hooks.set_users ----------------------------------------------------------------------------
+    def arms_using(self, set_name: str) -> list[str]:
+        """The arms that name the set, or its preset (a preset of the presets file is checked by serving)."""
+        if self.config is None:
+            return []
+        return [f"experiment {exp.name!r} arm {arm.name!r}" for exp in self.config.experiments for arm in exp.arms
+                if arm.spec().preset == set_name or any(iv.set == set_name for iv in arm.spec().interventions)]
 
     # -- hooks.experiment_resolver ---------------------------------------------------------------
     def resolve(self, spec: SteeringSpec, request_id: str) -> tuple[SteeringSpec, dict[str, Any]]:
@@ -186,7 +182,7 @@ class ABService:
 
         @app.post(OUTCOMES_PATH)
         async def post_outcome(request: Request) -> JSONResponse:
-            raw = await _read_bounded(request, MAX_OUTCOME_BODY_BYTES)
+            raw = await read_bounded(request, MAX_OUTCOME_BODY_BYTES)
             if raw is None:
                 return bad_request(f"body larger than {MAX_OUTCOME_BODY_BYTES} bytes: an outcome is "
                                    '{"request_id": ..., "outcome": ...}', status=413)

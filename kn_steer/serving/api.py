@@ -8,7 +8,8 @@
   neuron count, operation and dose actually used, positions), the masks' sizes, the engine's
   self-check, and the steered tokens; streaming responses carry it on their first chunk (without
   token counts, which are not known yet).
-* ``attach_endpoint_plugins`` (looked up by ``build_app`` at call time): kn-steer's routes and the
+* ``attach_endpoint_plugins`` (looked up by ``build_app`` at call time): kn-steer's routes (sets listed,
+  registered and removed at run time: :mod:`.runtime_sets`; status) and the
   middleware of :mod:`.endpoints`. ``init_app_state`` / ``LLMEngine.__init__``: ask every worker for its
   self-check (:func:`verify_engine`) before the first request.
 """
@@ -325,7 +326,8 @@ def install_routes(app: Any) -> None:
             "limits": ctx.limits.describe(),
             "presets": [{"name": name, "model": model_id.get(name), "kn_steer": spec.model_dump(mode="json", exclude_defaults=True)}
                         for name, spec in ctx.presets.items()],
-            "data": json.loads(json.dumps(ctx.registry.describe(), default=str)),
+            "data": [{**d, "added_at_run_time": d["name"] in ctx.registry.added_at_run_time}
+                     for d in json.loads(json.dumps(ctx.registry.describe(), default=str))],
         })
 
     async def status(request: Request) -> JSONResponse:
@@ -337,10 +339,44 @@ def install_routes(app: Any) -> None:
         return JSONResponse({"object": "kn_steer.status", "engine": getattr(request.app.state, "kn_steer_engine", None),
                              "workers": json.loads(json.dumps(workers, default=str))})
 
+    async def post_set(request: Request) -> JSONResponse:
+        from kn_steer.serving import runtime_sets
+        from kn_steer.serving.endpoints import read_bounded
+
+        args = getattr(request.app.state, "args", None)
+        if (getattr(args, "api_server_count", None) or 1) > 1:
+            return _error(409, "sets cannot be registered at run time with several API-server processes "
+                               "(each keeps its own registry); put the file in the sets folder and restart")
+        body = await read_bounded(request, runtime_sets.MAX_SET_BYTES)
+        if body is None:
+            return _error(413, f"a neuron-set file may be at most {runtime_sets.MAX_SET_BYTES} bytes")
+        try:
+            described = await asyncio.to_thread(runtime_sets.register, current_context(), body)
+        except runtime_sets.SetRequestError as exc:
+            return _error(exc.status, str(exc))
+        return JSONResponse(status_code=201, content=described)
+
+    async def delete_set(name: str) -> JSONResponse:
+        from kn_steer.serving import runtime_sets
+
+        try:
+            return JSONResponse(runtime_sets.unregister(current_context(), name))
+        except runtime_sets.SetRequestError as exc:
+            return _error(exc.status, str(exc))
+
     app.add_api_route(SETS_ROUTE, list_sets, methods=["GET"], name="kn_steer_sets")
+    app.add_api_route(SETS_ROUTE, post_set, methods=["POST"], name="kn_steer_register_set")
+    app.add_api_route(SETS_ROUTE + "/{name}", delete_set, methods=["DELETE"], name="kn_steer_delete_set")
     app.add_api_route(STATUS_ROUTE, status, methods=["GET"], name="kn_steer_status")
     app.add_middleware(SteeringGuard)
     hooks.install_routes(app)
+
+
+def _error(status: int, message: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    kind = {404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLarge"}.get(status, "BadRequestError")
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
 
 
 def wrap_attach_endpoint_plugins(orig):

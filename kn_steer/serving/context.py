@@ -96,14 +96,35 @@ def load_context(model_path: str, hf_config: Any, dtype: Any = None) -> ServingC
 
 def _check_set_doses(registry: NeuronSetRegistry, shape: ModelShape, limits: RequestLimits) -> None:
     """A set whose default operation is beyond the served limits could never be used: say so now."""
+    for name in registry:
+        check_set_dose(name, registry, shape, limits)
+
+
+def check_set_dose(name: str, sets: Any, shape: ModelShape, limits: RequestLimits) -> None:
+    """Compile a set's default operation: neuron ranges and doses within the served limits."""
     from dataclasses import replace
 
     from kn_steer.steering.compile import compile_spec
 
     doses_only = replace(limits, max_neurons=10**9)  # a big set can still be used on some layers
-    for name in registry:
-        compile_spec({"interventions": [{"set": name}]}, registry, shape, doses_only,
-                     where=f"neuron set {name!r} (its default operation)")
+    compile_spec({"interventions": [{"set": name}]}, sets, shape, doses_only,
+                 where=f"neuron set {name!r} (its default operation)")
+
+
+def set_preset(name: str, registry: NeuronSetRegistry, shape: ModelShape,
+               limits: RequestLimits) -> SteeringSpec | None:
+    """The preset of a set's own name, or None when one request could not use the whole set."""
+    from kn_steer.errors import SpecError
+    from kn_steer.steering.compile import compile_spec
+    from kn_steer.steering.presets import presets_of_sets
+
+    spec = presets_of_sets([name])[name]
+    try:
+        compile_spec(spec, registry, shape, limits)
+    except SpecError as exc:  # e.g. a set larger than one request may touch: usable per layer only
+        logger.warning("kn-steer: neuron set %r is not served as a preset: %s", name, exc)
+        return None
+    return spec
 
 
 def _load_presets(settings: ServingSettings, registry: NeuronSetRegistry, shape: ModelShape,
@@ -111,19 +132,15 @@ def _load_presets(settings: ServingSettings, registry: NeuronSetRegistry, shape:
     """The served presets: one per set that fits the limits, plus the presets file's, all compiled once.
 
     An experiment preset is checked against the experiments when the API server is built."""
-    from kn_steer.errors import SpecError
     from kn_steer.steering.compile import compile_spec
-    from kn_steer.steering.presets import load_presets_file, merge_presets, presets_of_sets
+    from kn_steer.steering.presets import load_presets_file, merge_presets
 
     from_sets = {}
     if settings.set_presets:
-        for name, spec in presets_of_sets(registry).items():
-            try:
-                compile_spec(spec, registry, shape, limits)
-            except SpecError as exc:  # e.g. a set larger than one request may touch: usable per layer only
-                logger.warning("kn-steer: neuron set %r is not served as a preset: %s", name, exc)
-                continue
-            from_sets[name] = spec
+        for name in registry:
+            spec = set_preset(name, registry, shape, limits)
+            if spec is not None:
+                from_sets[name] = spec
     from_file = load_presets_file(settings.presets_file) if settings.presets_file is not None else {}
     for name, spec in from_file.items():
         if spec.experiment is None:

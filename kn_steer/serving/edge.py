@@ -54,22 +54,22 @@ class CompileCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[tuple[int, str], tuple[CompiledSteering, int]] = OrderedDict()
+        self._items: OrderedDict[tuple[int, int, str], tuple[CompiledSteering, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
-    def _size(compiled: CompiledSteering, key: str) -> int:
+    def _size(compiled: CompiledSteering, key: str) -> int:  # key: the spec's JSON
         return 16 * (compiled.prompt.size + compiled.generated.size) + len(key) + 512
 
     def get(self, ctx: ServingContext, spec: SteeringSpec) -> CompiledSteering:
-        key = (id(ctx), spec.model_dump_json(exclude_none=True))
+        key = (id(ctx), ctx.registry.generation, spec.model_dump_json(exclude_none=True))
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit[0]
         compiled = compile_spec(spec, ctx.registry, ctx.shape, ctx.limits)
-        size = self._size(compiled, key[1])
+        size = self._size(compiled, key[2])
         if size > self.max_bytes // 4:  # one spec never evicts most of the cache
             return compiled
         with self._lock:

@@ -101,6 +101,19 @@ def _preset_elsewhere(path: str, body: bytes) -> str | None:
             f"{' and '.join(sorted(STEERED_PATHS))} only; {path} would run the base model unsteered")
 
 
+async def read_bounded(request: Any, limit: int) -> bytes | None:
+    """A route's request body, or None once it passes ``limit`` bytes (never buffered beyond that)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 async def _read_body(receive: Any) -> tuple[bytes, bool]:
     chunks = []
     while True:

@@ -18,6 +18,9 @@ The plugin calls these from the API-server process only (never in the engine cor
   Listeners must be quick and must not raise (exceptions are logged and swallowed).
 * ``route_installers``: each is called with the FastAPI app when the API server builds it; add
   routes there (``app.get(...)``/``app.include_router``).
+* ``set_users``: each is called with a neuron-set name before the set is removed at run time
+  (``DELETE /v1/kn_steer/sets/NAME``) and returns what still needs it (e.g. ``["experiment 'x'
+  arm 'y'"]``); anything listed keeps the set registered (HTTP 409).
 
 Extensions are found through the entry-point group ``kn_steer.serving_extensions`` (the A/B layer
 is ``kn_steer.ab:install``) and called once in the API-server process, before the app is built,
@@ -39,10 +42,12 @@ logger = logging.getLogger("kn_steer.serving")
 ExperimentResolver = Callable[["SteeringSpec", str], "tuple[SteeringSpec, dict[str, Any]]"]
 RequestListener = Callable[[dict[str, Any]], None]
 RouteInstaller = Callable[["FastAPI"], None]
+SetUsers = Callable[[str], list[str]]
 
 experiment_resolver: ExperimentResolver | None = None
 request_listeners: list[RequestListener] = []
 route_installers: list[RouteInstaller] = []
+set_users: list[SetUsers] = []
 
 
 def set_experiment_resolver(resolver: ExperimentResolver | None) -> None:
@@ -59,6 +64,16 @@ def add_request_listener(listener: RequestListener) -> None:
 def add_route_installer(installer: RouteInstaller) -> None:
     if installer not in route_installers:
         route_installers.append(installer)
+
+
+def add_set_users(finder: SetUsers) -> None:
+    if finder not in set_users:
+        set_users.append(finder)
+
+
+def users_of_set(name: str) -> list[str]:
+    """Everything an extension says still uses the set ``name``."""
+    return [user for finder in list(set_users) for user in finder(name)]
 
 
 def notify_request(record: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ SEPARATOR = "+"
 
 _model_ids: dict[str, str] = {}  # model id -> preset name (this API-server process)
 _base_name: list[str] = []
+_models: list[Any] = []  # vLLM's OpenAIServingModels of this process, for presets added at run time
 
 
 def preset_of_model(model: str | None) -> str | None:
@@ -67,9 +68,32 @@ def register(state: Any, presets: dict[str, Any]) -> dict[str, str]:
     _model_ids.clear()
     _model_ids.update(ids)
     _base_name[:] = [base.name]
+    _models[:] = [models]
     if ids:
         logger.info("kn-steer: %d preset(s) served as models: %s", len(ids), ", ".join(sorted(ids)))
     return ids
+
+
+def add(preset: str) -> str | None:
+    """Serve a preset added at run time (a set registered by POST) as a model id; None without an app."""
+    if not _models:
+        return None
+    from vllm.entrypoints.openai.models.protocol import BaseModelPath
+
+    base = _models[0].base_model_paths[0]
+    model_id = f"{base.name}{SEPARATOR}{preset}"
+    _models[0].base_model_paths.append(BaseModelPath(name=model_id, model_path=base.model_path))
+    _model_ids[model_id] = preset
+    return model_id
+
+
+def remove(preset: str) -> None:
+    """Stop serving a preset's model id (its set was removed at run time)."""
+    for model_id in [m for m, p in _model_ids.items() if p == preset]:
+        del _model_ids[model_id]
+        if _models:
+            paths = _models[0].base_model_paths
+            paths[:] = [p for p in paths if p.name != model_id]  # in place: vLLM's registry shares the list
 
 
 def wrap_show_available_models(orig):

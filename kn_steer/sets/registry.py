@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -33,6 +34,31 @@ class NeuronSetRegistry(Mapping[str, NeuronSet]):
         self._sets = dict(sets)
         self.folder = folder
         self.others = dict(others or {})  # set name -> the model it was found on
+        self.generation = 0  # bumped by every add/remove: compiled specs are cached per generation
+        self.added_at_run_time: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, ns: NeuronSet) -> None:
+        """Register a validated set at run time (a server's ``POST /v1/kn_steer/sets``).
+
+        Copy-on-write: a request compiling against the old mapping keeps a consistent view."""
+        with self._lock:
+            if ns.name in self._sets:
+                raise KnSteerError(f"a neuron set named {ns.name!r} is already registered")
+            self._sets = {**self._sets, ns.name: ns}
+            self.added_at_run_time.add(ns.name)
+            self.generation += 1
+
+    def remove(self, name: str) -> NeuronSet:
+        with self._lock:
+            if name not in self._sets:
+                raise KeyError(name)
+            sets = dict(self._sets)
+            removed = sets.pop(name)
+            self._sets = sets
+            self.added_at_run_time.discard(name)
+            self.generation += 1
+            return removed
 
     @classmethod
     def load(cls, folder: str | Path | None, identity: ModelIdentity | None = None) -> "NeuronSetRegistry":

@@ -352,3 +352,10 @@ def test_a_preset_model_draws_arms_that_name_presets(ab_server):
         client.completions.create(model=model, prompt=PROMPT, max_tokens=2,
                                   extra_body={"kn_steer": {"interventions": [{"set": "t-boost"}]}})
     assert "preset 't-ab' is the A/B experiment 'ab-presets'" in str(err.value)
+
+
+def test_a_set_an_arm_names_cannot_be_deleted(ab_server):
+    srv, _ = ab_server
+    resp = httpx.delete(srv.base_url + "/v1/kn_steer/sets/t-silence", timeout=30)
+    assert resp.status_code == 409, resp.text
+    assert "experiment 'ab-test' arm 'silence'" in resp.json()["error"]["message"]
