@@ -85,7 +85,7 @@ def load_context(model_path: str, hf_config: Any, dtype: Any = None) -> ServingC
                     else:  # installed without the project's neuron_sets/: explicit neurons only
                         registry = NeuronSetRegistry({}, None)
                     _check_set_doses(registry, shape, limits)
-                    presets = _load_presets(settings, registry, shape, limits)
+                    presets = _load_presets(settings, registry, shape, limits, identity.name)
                 except KnSteerError as exc:
                     raise type(exc)(f"kn-steer refuses to start: {exc}") from exc
                 ctx = ServingContext(str(model_path), True, "", settings, limits, adapter, shape, identity, registry,
@@ -111,36 +111,32 @@ def check_set_dose(name: str, sets: Any, shape: ModelShape, limits: RequestLimit
                  where=f"neuron set {name!r} (its default operation)")
 
 
-def set_preset(name: str, registry: NeuronSetRegistry, shape: ModelShape,
-               limits: RequestLimits) -> SteeringSpec | None:
-    """The preset of a set's own name, or None when one request could not use the whole set."""
+def usable_preset(name: str, spec: SteeringSpec, registry: NeuronSetRegistry, shape: ModelShape,
+                  limits: RequestLimits) -> bool:
+    """Whether a set's own preset can be served: one request may use the whole set."""
     from kn_steer.errors import SpecError
     from kn_steer.steering.compile import compile_spec
-    from kn_steer.steering.presets import presets_of_sets
 
-    spec = presets_of_sets([name])[name]
     try:
         compile_spec(spec, registry, shape, limits)
     except SpecError as exc:  # e.g. a set larger than one request may touch: usable per layer only
-        logger.warning("kn-steer: neuron set %r is not served as a preset: %s", name, exc)
-        return None
-    return spec
+        logger.warning("kn-steer: preset %r of a neuron set is not served: %s", name, exc)
+        return False
+    return True
 
 
 def _load_presets(settings: ServingSettings, registry: NeuronSetRegistry, shape: ModelShape,
-                  limits: RequestLimits) -> dict[str, SteeringSpec]:
+                  limits: RequestLimits, model_name: str) -> dict[str, SteeringSpec]:
     """The served presets: one per set that fits the limits, plus the presets file's, all compiled once.
 
     An experiment preset is checked against the experiments when the API server is built."""
     from kn_steer.steering.compile import compile_spec
-    from kn_steer.steering.presets import load_presets_file, merge_presets
+    from kn_steer.steering.presets import load_presets_file, merge_presets, presets_of_sets
 
     from_sets = {}
     if settings.set_presets:
-        for name in registry:
-            spec = set_preset(name, registry, shape, limits)
-            if spec is not None:
-                from_sets[name] = spec
+        from_sets = {name: spec for name, spec in presets_of_sets(registry, model_name).items()
+                     if usable_preset(name, spec, registry, shape, limits)}
     from_file = load_presets_file(settings.presets_file) if settings.presets_file is not None else {}
     for name, spec in from_file.items():
         if spec.experiment is None:

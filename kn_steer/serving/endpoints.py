@@ -8,7 +8,8 @@ requests with HTTP 400 naming the endpoint, whether the field is at the top leve
 of a request that carries ``kn_steer`` (``KN_STEER_MAX_SPEC_BYTES``) before it is parsed. A
 ``GET /metrics`` first refreshes the engine's steering gauges (:mod:`.metrics`).
 
-A preset's model id (:mod:`.preset_models`) is refused on the other endpoints the same way.
+A preset's model id (:mod:`.preset_models`) is refused on the other endpoints the same way, but for
+tokenization (steering does not change the tokenizer; evaluation tools tokenize through the server).
 
 Requests without ``kn_steer`` cost a substring search of their body and nothing else.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from kn_steer.serving.wire import RAW_KEY, WIRE_KEY
 
 STEERED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize"})  # a preset's model id tokenizes as its base model
 _NEEDLE = RAW_KEY.encode()
 
 
@@ -57,7 +59,7 @@ class SteeringGuard:
             problem = self._problem(path, body)
             if problem is not None:
                 return await _reject(send, problem)
-        if path not in STEERED_PATHS:
+        if path not in STEERED_PATHS and path not in TOKENIZER_PATHS:
             problem = _preset_elsewhere(path, body)
             if problem is not None:
                 return await _reject(send, problem, param="model")

@@ -7,8 +7,8 @@ model check accepts it; the API edge (:func:`kn_steer.serving.edge.requested_spe
 preset from the id. Responses name the preset's model id, streamed chunks too.
 
 A preset's model id runs the base model steered, so it is accepted only where kn-steer steers
-(completions and chat); :mod:`.endpoints` answers 400 for it anywhere else rather than serving the
-base model unsteered under the preset's name.
+(completions and chat) and for tokenization; :mod:`.endpoints` answers 400 for it anywhere else
+rather than serving the base model unsteered under the preset's name.
 """
 
 from __future__ import annotations

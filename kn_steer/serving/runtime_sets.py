@@ -26,8 +26,9 @@ from pydantic import ValidationError
 
 from kn_steer.errors import KnSteerError, NeuronSetMismatch, SpecError
 from kn_steer.serving import hooks, preset_models
-from kn_steer.serving.context import ServingContext, check_set_dose, set_preset
+from kn_steer.serving.context import ServingContext, check_set_dose, usable_preset
 from kn_steer.sets.format import NeuronSet
+from kn_steer.steering.presets import presets_of_sets, set_preset_name
 
 logger = logging.getLogger("kn_steer.serving")
 MAX_SET_BYTES = 64 << 20  # a set of every neuron of a 70B model's 80 layers x 28,672 is ~40 MB of JSON
@@ -73,18 +74,33 @@ def register(ctx: ServingContext, body: bytes) -> dict[str, Any]:
     with _lock:
         if ns.name in ctx.registry:
             raise SetRequestError(f"a neuron set named {ns.name!r} is already registered; DELETE it first", 409)
-        if ns.name in ctx.presets:
-            raise SetRequestError(f"{ns.name!r} is already the name of a preset", 409)
+        preset = _preset_name(ctx, ns.name)
+        if ctx.settings.set_presets and preset in ctx.presets:
+            raise SetRequestError(f"{preset!r} is already the name of a preset", 409)
         ctx.registry.add(ns)
         model_id = None
         if ctx.settings.set_presets:
-            spec = set_preset(ns.name, ctx.registry, ctx.shape, ctx.limits)
-            if spec is not None:
-                ctx.presets[ns.name] = spec
-                model_id = preset_models.add(ns.name)
+            spec = presets_of_sets([ns.name])[ns.name]
+            if usable_preset(preset, spec, ctx.registry, ctx.shape, ctx.limits):
+                ctx.presets[preset] = spec
+                model_id = preset_models.add(preset)
     logger.info("kn-steer: neuron set %r registered at run time (%d neurons)", ns.name, len(ns.neurons))
     described = next(d for d in ctx.registry.describe() if d["name"] == ns.name)
     return {**json.loads(json.dumps(described, default=str)), "preset_model": model_id}
+
+
+def _preset_name(ctx: ServingContext, set_name: str) -> str:
+    return set_preset_name(set_name, ctx.identity.name if ctx.identity is not None else None)
+
+
+def _own_preset(ctx: ServingContext, set_name: str) -> str | None:
+    """The preset that is the set itself (named short, or by its full name after a collision)."""
+    own = [{"interventions": [{"set": set_name}]}]
+    for name in (_preset_name(ctx, set_name), set_name):
+        spec = ctx.presets.get(name)
+        if spec is not None and [spec.model_dump(mode="json", exclude_defaults=True)] == own:
+            return name
+    return None
 
 
 def unregister(ctx: ServingContext, name: str) -> dict[str, Any]:
@@ -92,14 +108,16 @@ def unregister(ctx: ServingContext, name: str) -> dict[str, Any]:
     with _lock:
         if name not in ctx.registry:
             raise SetRequestError(f"no neuron set named {name!r} is registered", 404)
+        own = _own_preset(ctx, name)
         users = [f"preset {p!r}" for p, spec in ctx.presets.items()
-                 if p != name and any(iv.set == name for iv in spec.interventions)]
-        users += hooks.users_of_set(name)
+                 if p != own and any(iv.set == name for iv in spec.interventions)]
+        users += hooks.users_of_set(name) + (hooks.users_of_set(own) if own not in (None, name) else [])
         if users:
             raise SetRequestError(f"neuron set {name!r} is still named by {', '.join(users)}; it stays registered",
                                   409)
         ctx.registry.remove(name)
-        if ctx.presets.pop(name, None) is not None:
-            preset_models.remove(name)
+        if own is not None:
+            del ctx.presets[own]
+            preset_models.remove(own)
     logger.info("kn-steer: neuron set %r removed at run time", name)
     return {"object": "kn_steer.set.deleted", "name": name, "deleted": True}

@@ -10,8 +10,9 @@ The presets file (``kn-steer serve --presets FILE``, ``$KN_STEER_PRESETS``)::
         "faithful": {"interventions": [{"set": "context-memotrap", "factor": 4}]},
         "memo-ab":  {"experiment": "memotrap-rollout"}}}
 
-By default every neuron set the server loads is a preset of the same name too (its default
-operation); a file's preset may not reuse a set's name.
+By default every neuron set the server loads is a preset too (its default operation), named
+after the set without the served model's prefix (:func:`set_preset_name`); a file's preset may
+not reuse such a name.
 
 Composition (:func:`expand`), when a request names a preset and gives a spec of its own:
 
@@ -74,18 +75,37 @@ def load_presets_file(path: str | Path) -> dict[str, SteeringSpec]:
         raise KnSteerError(f"presets file {path}: {problems}") from None
 
 
-def presets_of_sets(set_names: list[str] | Mapping[str, Any]) -> dict[str, SteeringSpec]:
-    """One preset per neuron set, named after it: the set with its default operation."""
-    return {name: SteeringSpec.model_validate({"interventions": [{"set": name}]}) for name in set_names}
+def set_preset_name(set_name: str, model_name: str | None = None) -> str:
+    """The preset of a set: its name without the served model's prefix (sets of a folder that holds
+    several models' sets are named ``<model>-...``): ``smollm2-135m-context-memotrap`` is served as
+    ``smollm2-135m+context-memotrap``, not ``smollm2-135m+smollm2-135m-context-memotrap``."""
+    prefix = f"{model_name}-" if model_name else None
+    if prefix and set_name.startswith(prefix) and len(set_name) > len(prefix):
+        return set_name[len(prefix):]
+    return set_name
+
+
+def presets_of_sets(set_names: list[str] | Mapping[str, Any], model_name: str | None = None) -> dict[str, SteeringSpec]:
+    """One preset per neuron set (:func:`set_preset_name`): the set with its default operation.
+
+    Two sets whose short names collide keep their full names."""
+    names = list(set_names)
+    short = {name: set_preset_name(name, model_name) for name in names}
+    taken = list(short.values())
+    presets = {}
+    for name in names:
+        unique = taken.count(short[name]) == 1 and (short[name] == name or short[name] not in names)
+        presets[short[name] if unique else name] = SteeringSpec.model_validate({"interventions": [{"set": name}]})
+    return presets
 
 
 def merge_presets(from_sets: dict[str, SteeringSpec], from_file: dict[str, SteeringSpec],
                   source: str = "presets file") -> dict[str, SteeringSpec]:
-    """The served presets; a file's preset named like a set is an operator error."""
+    """The served presets; a file's preset named like a set's preset is an operator error."""
     clash = sorted(set(from_sets) & set(from_file))
     if clash:
-        raise KnSteerError(f"{source}: preset name(s) {clash} are also neuron sets, which are presets of their "
-                           "own name; rename them (or serve without the sets' presets)")
+        raise KnSteerError(f"{source}: preset name(s) {clash} are also neuron sets' presets; rename them "
+                           "(or serve without the sets' presets: --no-set-presets)")
     return {**from_sets, **from_file}
 
 

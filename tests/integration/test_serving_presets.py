@@ -104,13 +104,18 @@ def test_presets_that_cannot_be_honoured_are_refused(srv, client, model, spec, s
 @pytest.mark.parametrize("path, body", [
     ("/v1/embeddings", {"model": MIX, "input": "hi"}),
     ("/v1/responses", {"model": MIX, "input": "hi"}),
-    ("/tokenize", {"model": MIX, "prompt": "hi"}),
 ])
 def test_a_preset_model_is_refused_where_it_would_run_unsteered(srv, path, body):
     resp = httpx.post(srv.base_url + path, json=body, timeout=60)
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == "model" and "is the kn-steer preset 't-mix'" in error["message"]
+
+
+def test_a_preset_model_tokenizes_as_its_base_model(srv):
+    ids = [httpx.post(srv.base_url + "/tokenize", json={"model": m, "prompt": PROMPT}, timeout=30).json()["tokens"]
+           for m in (SERVED_NAME, MIX)]
+    assert ids[0] == ids[1] and len(ids[0]) > 3
 
 
 def test_beam_search_on_a_preset_model_is_refused(client):

@@ -79,9 +79,15 @@ def test_presets_file_is_validated(tmp_path):
         load_presets_file(tmp_path / "broken.json")
 
 
+def test_a_sets_preset_drops_the_served_models_prefix_unless_names_collide():
+    names = ["m1-context", "t-a", "m1-t-a", "m1-x", "x2"]
+    assert list(presets_of_sets(names, "m1")) == ["context", "t-a", "m1-t-a", "x", "x2"]
+    assert list(presets_of_sets(["m1-"], "m1")) == ["m1-"]
+
+
 def test_every_set_is_a_preset_and_a_file_may_not_reuse_its_name():
     from_sets = presets_of_sets(["s1", "s2"])
     assert from_sets["s1"].interventions[0].set == "s1" and from_sets["s1"].interventions[0].op is None
-    with pytest.raises(KnSteerError, match=r"preset name\(s\) \['s2'\] are also neuron sets"):
+    with pytest.raises(KnSteerError, match=r"preset name\(s\) \[.s2.\] are also neuron sets"):
         merge_presets(from_sets, {"s2": PRESETS["double"]})
     assert list(merge_presets(from_sets, {"x": PRESETS["double"]})) == ["s1", "s2", "x"]
