@@ -6,7 +6,8 @@ is a 400), validates every arm against the served neuron-set registry (a bad fil
 and registers itself in :mod:`kn_steer.serving.hooks`:
 
 * the experiment resolver (request ``{"kn_steer": {"experiment": NAME, "unit": ID}}`` -> arm);
-* a request listener (per-arm Prometheus metrics and the JSONL assignment log, ``$KN_STEER_AB_LOG``);
+* a request listener (per-arm Prometheus metrics and the JSONL assignment log, ``$KN_STEER_AB_LOG``;
+  other replicas' logs in ``$KN_STEER_AB_PEER_LOGS`` are read so an outcome may be posted to any replica);
 * routes ``GET /v1/kn_steer/experiments`` and ``POST /v1/kn_steer/outcomes``.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kn_steer.ab.config import ExperimentsConfig, load_config, validate_specs
-from kn_steer.ab.log import default_log_path
+from kn_steer.ab.log import default_log_path, peer_log_paths
 from kn_steer.ab.service import ABService
 from kn_steer.errors import KnSteerError
 
@@ -79,7 +80,8 @@ def install(config_path: str | os.PathLike | None = None, *, context: Any | None
             config = load_config(path)
             fully_checked = _validate(config, str(path), context or _serving_context())
         service = ABService(config, log_path if log_path is not None else default_log_path(),
-                            config_path=str(raw_path) if raw_path is not None else None)
+                            config_path=str(raw_path) if raw_path is not None else None,
+                            peer_logs=peer_log_paths())
 
         def install_routes(app: Any) -> None:
             nonlocal fully_checked

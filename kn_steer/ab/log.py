@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 from pydantic import (
     BaseModel,
@@ -40,9 +40,16 @@ from kn_steer.fileio import read_jsonl
 
 LOG_ENV = "KN_STEER_AB_LOG"
 LOG_PROMPTS_ENV = "KN_STEER_AB_LOG_PROMPTS"
+PEER_LOGS_ENV = "KN_STEER_AB_PEER_LOGS"
 DEFAULT_LOG = "kn-steer-ab.jsonl"
 
 Outcome = bool | float
+
+
+def peer_log_paths() -> list[Path]:
+    """``$KN_STEER_AB_PEER_LOGS``: other replicas' logs (``os.pathsep``-separated), read for outcomes."""
+    raw = os.environ.get(PEER_LOGS_ENV, "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
 
 
 def default_log_path() -> Path:
@@ -172,24 +179,37 @@ class Joined:
 
     record: AssignmentRecord
     outcome: Outcome | None = None
-    outcome_line: int | None = None  # where that outcome is in the log (the earliest fixes a type)
+    outcome_line: int | None = None  # the outcome's position in the (merged) log: the earliest fixes a type
 
 
 @dataclass
 class LogContents:
     requests: dict[str, Joined] = field(default_factory=dict)  # a reused id's later requests: "ID#2", ...
-    orphan_outcomes: int = 0  # outcomes whose request id has no assignment in this file
+    orphan_outcomes: int = 0  # outcomes whose request id has no assignment in these files
     duplicate_ids: int = 0  # assignments logged under an id an earlier request already had
 
 
 def read_log(path: str | Path) -> LogContents:
     """Join assignments and outcomes by request id; an outcome belongs to the latest request
     logged under its id before it (or, written first, to the next one), and the last one wins."""
+    return read_logs([path])
+
+
+def read_logs(paths: Sequence[str | Path]) -> LogContents:
+    """:func:`read_log` over the logs of several replicas at once (each replica writes its own).
+
+    One file is read in its own order; several are merged by record time (UTC, milliseconds), so
+    an outcome posted to one replica joins the request another replica served."""
+    if len(paths) == 1:
+        records = [rec for _, rec in iter_records(paths[0])]
+    else:
+        tagged = [(rec.time, k, line, rec) for k, path in enumerate(paths) for line, rec in iter_records(path)]
+        records = [rec for *_, rec in sorted(tagged, key=lambda t: t[:3])]
     contents = LogContents()
     latest: dict[str, str] = {}  # request id -> key in contents.requests of its latest request
     seen: dict[str, int] = {}
     pending: dict[str, tuple[Outcome, int]] = {}
-    for line, rec in iter_records(path):
+    for position, rec in enumerate(records, 1):
         if isinstance(rec, AssignmentRecord):
             seen[rec.request_id] = seen.get(rec.request_id, 0) + 1
             key = rec.request_id if seen[rec.request_id] == 1 else f"{rec.request_id}#{seen[rec.request_id]}"
@@ -201,8 +221,8 @@ def read_log(path: str | Path) -> LogContents:
             value: Outcome = rec.outcome if isinstance(rec.outcome, bool) else float(rec.outcome)
             if rec.request_id in latest:
                 joined = contents.requests[latest[rec.request_id]]
-                joined.outcome, joined.outcome_line = value, line
+                joined.outcome, joined.outcome_line = value, position
             else:
-                pending[rec.request_id] = (value, line)
+                pending[rec.request_id] = (value, position)
     contents.orphan_outcomes = len(pending)
     return contents

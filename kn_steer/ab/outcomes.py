@@ -9,6 +9,9 @@ message, so one stray number can never turn a rate into a mean.
 :class:`OutcomeLedger` keeps the index of logged requests and the types seen so far up to date
 from the log (incrementally: the API server and the CLI, even several processes, share one
 log) and is what both ``POST /v1/kn_steer/outcomes`` and ``kn-steer ab outcome`` go through.
+With the logs of other replicas as ``peers`` (``$KN_STEER_AB_PEER_LOGS``, read only), an outcome
+posted to one replica for a request another served is checked and recorded in this replica's
+own log; ``kn-steer ab report --log A --log B`` joins them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from kn_steer.ab.config import ExperimentsConfig
 from kn_steer.ab.ids import RequestIndex, clip
@@ -33,35 +36,41 @@ def kind_of(value: Any) -> OutcomeKind:
 class OutcomeLedger:
     """Logged requests (by every id they answer to) and each experiment's outcome type."""
 
-    def __init__(self, log: AssignmentLog, config: ExperimentsConfig | None = None):
+    def __init__(self, log: AssignmentLog, config: ExperimentsConfig | None = None,
+                 peers: Sequence[str | Path] = ()):
         self.log = log
         self.config = config
+        self.peers = [Path(p) for p in peers if Path(p) != log.path]  # other replicas' logs, read only
         self.index = RequestIndex()
         self.inferred: dict[str, OutcomeKind] = {}  # experiment -> type of its first outcome
-        self._scanned = 0  # bytes of the log already read
+        self._scanned: dict[Path, int] = {}  # bytes of each log already read
         self._lock = threading.RLock()
         self.refresh()
 
-    # -- keeping up with the log ----------------------------------------------------------------
+    # -- keeping up with the logs ---------------------------------------------------------------
     def refresh(self) -> None:
-        """Read what was appended since the last call (by this or another process)."""
+        """Read what was appended since the last call (by this or another process or replica)."""
         with self._lock:
-            try:
-                handle = self.log.path.open("rb")
-            except OSError:  # not written yet
-                return
-            with handle:
-                handle.seek(self._scanned)
-                for line in handle:
-                    if not line.endswith(b"\n"):  # a line still being written: next time
-                        break
-                    self._scanned += len(line)
-                    try:
-                        obj = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(obj, dict):
-                        self._take(obj)
+            for path in (self.log.path, *self.peers):
+                self._read_new(path)
+
+    def _read_new(self, path: Path) -> None:
+        try:
+            handle = path.open("rb")
+        except OSError:  # not written yet (or a peer's volume not mounted yet): next time
+            return
+        with handle:
+            handle.seek(self._scanned.get(path, 0))
+            for line in handle:
+                if not line.endswith(b"\n"):  # a line still being written: next time
+                    break
+                self._scanned[path] = self._scanned.get(path, 0) + len(line)
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    self._take(obj)
 
     def _take(self, obj: dict[str, Any]) -> None:
         rid = obj.get("request_id")
@@ -104,7 +113,7 @@ class OutcomeLedger:
         value = check_outcome(raw_value)
         with self._lock:
             self.refresh()
-            logged = self.index.lookup(given_id, str(self.log.path))
+            logged = self.index.lookup(given_id, ", ".join(str(p) for p in (self.log.path, *self.peers)))
             experiment = self.index.experiment[logged]
             self.check(experiment, value)
             record = self.log.add_outcome(logged, value, source=source)
@@ -112,9 +121,11 @@ class OutcomeLedger:
         return record
 
 
-def ledger_for(log_path: str | Path, config: ExperimentsConfig | None = None) -> OutcomeLedger:
-    """A ledger over an existing log file (the CLI's view)."""
+def ledger_for(log_path: str | Path, config: ExperimentsConfig | None = None,
+               peers: Sequence[str | Path] = ()) -> OutcomeLedger:
+    """A ledger over an existing log file (the CLI's view), seeing other replicas' logs too."""
     path = Path(log_path)
-    if not path.exists():
-        raise KnSteerError(f"log {path} does not exist")
-    return OutcomeLedger(AssignmentLog(path), config)
+    for p in (path, *map(Path, peers)):
+        if not p.exists():
+            raise KnSteerError(f"log {p} does not exist")
+    return OutcomeLedger(AssignmentLog(path), config, peers)

@@ -7,20 +7,25 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kn_steer.ab.config import ExperimentsConfig
-from kn_steer.ab.log import Joined, read_log
+from kn_steer.ab.log import Joined, read_logs
 from kn_steer.ab.stats import ArmStats, ExperimentStats, experiment_stats
 from kn_steer.errors import KnSteerError
 from kn_steer.fileio import atomic_savefig, atomic_write_json
 
 
 def build_report(
-    log_path: str | Path, experiment: str | None = None, config: ExperimentsConfig | None = None,
-    control: str | None = None, confidence: float = 0.95,
+    log_path: str | Path | Sequence[str | Path], experiment: str | None = None,
+    config: ExperimentsConfig | None = None, control: str | None = None, confidence: float = 0.95,
 ) -> list[ExperimentStats]:
-    """Statistics per experiment found in the log (or only ``experiment``)."""
+    """Statistics per experiment found in the log, or in the logs of several replicas read as one
+    (or only ``experiment``)."""
     if not 0 < confidence < 1:
         raise KnSteerError(f"confidence must be between 0 and 1, got {confidence}")
-    contents = read_log(log_path)
+    paths = [log_path] if isinstance(log_path, (str, Path)) else list(log_path)
+    if not paths:
+        raise KnSteerError("no A/B log given")
+    contents = read_logs(paths)
+    log_path = ", ".join(str(p) for p in paths)
     groups: dict[str, list[Joined]] = {}
     reused: dict[str, int] = {}
     for key, row in contents.requests.items():

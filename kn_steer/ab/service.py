@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from fastapi import (
     Request,  # module level: FastAPI resolves the (string) annotations here
@@ -71,13 +71,14 @@ class ABService:
     """Experiment resolution, request recording and outcome attachment for one API server."""
 
     def __init__(self, config: ExperimentsConfig | None, log_path: str | Path,
-                 log_prompts: bool | None = None, config_path: str | None = None):
+                 log_prompts: bool | None = None, config_path: str | None = None,
+                 peer_logs: Sequence[str | Path] = ()):
         self.config = config
         self.config_path = config_path
         self.log = AssignmentLog(log_path)
         self.log_prompts = log_prompts_enabled() if log_prompts is None else log_prompts
         self.metrics = get_metrics()
-        self.ledger = OutcomeLedger(self.log, config)
+        self.ledger = OutcomeLedger(self.log, config, peer_logs)
         if config is not None:
             self.log.check_writable()
             for exp in config.experiments:

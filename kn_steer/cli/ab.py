@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
 
     @ab.command("report")
     def report(
-        log: Path = typer.Option(..., "--log", help="Assignment log (JSONL) written by the server or `ab offline`."),
+        log: list[Path] = typer.Option(..., "--log", help="Assignment log (JSONL) written by the server or `ab "
+                                                            "offline`; repeat it to read several replicas' logs as one."),
         experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Only this experiment."),
         config: Optional[Path] = typer.Option(None, "--config", help="Experiments config: arm order and control arm."),
         control: Optional[str] = typer.Option(None, "--control", help="Arm to compare against (overrides the config)."),
@@ -48,8 +49,9 @@ def register(app: typer.Typer) -> None:
         request_id: str = typer.Argument(..., help="The response's `id` (cmpl-...), or the X-Request-Id header "
                                                    "the request was sent with, or its id in the log."),
         value: str = typer.Argument(..., help="true/false (success/failure) or a number (use `--` before a negative one)."),
-        log: Path = typer.Option(..., "--log", help="Assignment log the request was recorded in."),
+        log: Path = typer.Option(..., "--log", help="Assignment log the outcome is written to."),
         config: Optional[Path] = typer.Option(None, "--config", help="Experiments config: declared outcome types and ranges."),
+        peer_log: list[Path] = typer.Option([], "--peer-log", help="Another replica's log, read to find the request (repeatable)."),
     ) -> None:
         """Attach an outcome to a logged request (appended to the log; the last one counts).
 
@@ -61,7 +63,7 @@ def register(app: typer.Typer) -> None:
         from kn_steer.ab.outcomes import ledger_for
 
         parsed = parse_outcome_text(value)
-        ledger = ledger_for(log, load_config(config) if config is not None else None)
+        ledger = ledger_for(log, load_config(config) if config is not None else None, peer_log)
         record = ledger.attach(request_id, parsed, source="cli")
         typer.echo(f"{record['request_id']}: outcome {parsed!r} recorded in {log}")
 

@@ -48,6 +48,7 @@ class ServeOptions:
     extra: list[str] = field(default_factory=list)
     presets: Path | None = None
     set_presets: bool = True
+    ab_peer_logs: list[Path] = field(default_factory=list)
 
     def environment(self) -> dict[str, str]:
         env = {}
@@ -90,6 +91,8 @@ def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         env["KN_STEER_EXPERIMENTS"] = str(opts.experiments.expanduser().resolve())
     if opts.ab_log is not None:
         env["KN_STEER_AB_LOG"] = str(opts.ab_log.expanduser().resolve())
+    if opts.ab_peer_logs:
+        env["KN_STEER_AB_PEER_LOGS"] = os.pathsep.join(str(p.expanduser().resolve()) for p in opts.ab_peer_logs)
     if opts.presets is not None:
         if not opts.presets.is_file():
             raise KnSteerError(f"presets file {opts.presets} does not exist")
@@ -140,13 +143,14 @@ def register(app: typer.Typer) -> None:
         bank_mib: Optional[float] = typer.Option(None, "--bank-mib", help="Memory for mask slots per worker (256)."),
         experiments: Optional[Path] = typer.Option(None, "--experiments", help="A/B experiments config (JSON)."),
         ab_log: Optional[Path] = typer.Option(None, "--ab-log", help="A/B assignment log (JSONL)."),
+        ab_peer_log: list[Path] = typer.Option([], "--ab-peer-log", help="Another replica's A/B log (repeatable): outcomes for its requests may be posted here."),
         presets: Optional[Path] = typer.Option(None, "--presets", help="Presets file (JSON): named specs, each served as the model id MODEL+NAME."),
         set_presets: bool = typer.Option(True, "--set-presets/--no-set-presets", help="Serve every neuron set as a preset of its name (MODEL+SET)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the vLLM command and exit."),
     ) -> None:
         """Serve MODEL with per-request neuron steering (extra args after `--` go to `vllm serve`)."""
         opts = ServeOptions(model, sets, host, port, max_neurons, max_interventions, max_abs_factor, max_abs_value,
-                            slots, bank_mib, experiments, ab_log, list(ctx.args), presets, set_presets)
+                            slots, bank_mib, experiments, ab_log, list(ctx.args), presets, set_presets, ab_peer_log)
         argv, env = build_command(opts)
         if dry_run:
             typer.echo(" ".join(argv))

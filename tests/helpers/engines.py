@@ -204,11 +204,13 @@ SERVER_MAX_NEURONS = 20000
 
 
 def start_server(sets: Path, extra: list[str] | None = None, timeout: float = 900,
-                 max_neurons: int = SERVER_MAX_NEURONS, presets: Path | None = None) -> Server:
+                 max_neurons: int = SERVER_MAX_NEURONS, presets: Path | None = None,
+                 env: dict[str, str] | None = None) -> Server:
     """``kn-steer serve`` in a subprocess (engine settings of :func:`offline_llm`, but eager:
     vLLM's compile cache does not load back on this CPU build, and a compile costs minutes).
 
-    Presets: ``presets``, else ``$KN_STEER_PRESETS``, else :data:`TEST_PRESETS`."""
+    Presets: ``presets``, else ``$KN_STEER_PRESETS``, else :data:`TEST_PRESETS`. ``env``: variables of
+    this server only (several may start at once from threads)."""
     _base_env()
     port = _free_port()
     log = Path(tempfile.mkstemp(prefix="kn-steer-server-", suffix=".log")[1])
@@ -220,7 +222,7 @@ def start_server(sets: Path, extra: list[str] | None = None, timeout: float = 90
         "--max-num-seqs", str(ENGINE_KW["max_num_seqs"]), "--seed", str(ENGINE_KW["seed"]),
         *(extra or []),
     ]
-    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = Server(proc, port, log)
     deadline = time.time() + timeout
     while time.time() < deadline:
