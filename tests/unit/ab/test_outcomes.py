@@ -129,3 +129,23 @@ def test_numeric_intervals_stay_inside_the_declared_range(tmp_path):
     clipped = next(a for a in rep.arms if a.arm == "x2-all")
     assert clipped.value.low == 0.0 and math.isclose(clipped.value.high, unbounded.value.high)
     assert json.loads(json.dumps(rep.to_dict()))["outcome_range"] == [0.0, 1.0]
+
+
+def test_a_replica_records_outcomes_for_its_peers_requests_and_the_report_joins_both_logs(tmp_path):
+    """Two replicas' logs: requests on A, outcomes posted to B (which reads A's log as a peer)."""
+    log_a, log_b = AssignmentLog(tmp_path / "a.jsonl"), AssignmentLog(tmp_path / "b.jsonl")
+    served_by_a = logged_requests(log_a, "rated", 4, prefix="a")
+    served_by_b = logged_requests(log_b, "rated", 2, prefix="b")
+    cfg = config(outcome="binary")
+    on_b = OutcomeLedger(log_b, cfg, peers=[log_a.path])
+    for rid in served_by_a + served_by_b:
+        on_b.attach(rid, True, source="api")
+    with pytest.raises(KnSteerError, match="takes binary outcomes"):
+        on_b.attach(served_by_a[0], 2.5, source="api")
+    with pytest.raises(KnSteerError, match=str(log_a.path)):
+        on_b.attach("cmpl-nobody", True, source="api")
+    assert not any('"outcome"' in line for line in log_a.path.read_text().splitlines())  # peers are read only
+    (alone,) = build_report([log_a.path], "rated")
+    assert sum(a.requests for a in alone.arms) == 4 and sum(a.outcomes for a in alone.arms) == 0
+    (both,) = build_report([log_a.path, log_b.path], "rated")
+    assert sum(a.requests for a in both.arms) == 6 and sum(a.outcomes for a in both.arms) == 6
