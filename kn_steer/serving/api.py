@@ -325,7 +325,7 @@ def install_routes(app: Any) -> None:
             "folder": str(ctx.registry.folder) if ctx.registry.folder else None,
             "limits": ctx.limits.describe(),
             "presets": [{"name": name, "model": model_id.get(name), "kn_steer": spec.model_dump(mode="json", exclude_defaults=True)}
-                        for name, spec in ctx.presets.items()],
+                        for name, spec in ctx.presets.copy().items()],  # copy: POST/DELETE may change it
             "data": [{**d, "added_at_run_time": d["name"] in ctx.registry.added_at_run_time}
                      for d in json.loads(json.dumps(ctx.registry.describe(), default=str))],
         })
