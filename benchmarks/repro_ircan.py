@@ -152,6 +152,20 @@ def survives(test: dict[str, Any], rule: str, alpha: float = 0.05) -> bool:
     return better and ("matched" not in h or h["set"]["accuracy"] > h["matched"]["accuracy"]["mean"])
 
 
+def _dose_effect(test: dict[str, Any], rule: str, alpha: float = 0.05) -> bool:
+    """Some random control raises accuracy significantly and the set is not above all of them."""
+    h = ircan.headline(test, rule)
+    for kind in ("matched", "uniform"):
+        ctrl = test.get("controls", {}).get(kind, {}).get(rule)
+        if not ctrl:
+            continue
+        raised = any(p < alpha and s["accuracy"] > h["unsteered"]["accuracy"]
+                     for p, s in zip(ctrl["p_vs_unsteered"], ctrl["per_seed"]))
+        if raised and max(h[kind]["p_set_vs_control"]) >= alpha:
+            return True
+    return False
+
+
 def verdict(test: dict[str, Any]) -> str:
     """Which scoring rules the gain survives, and what losing each one means."""
     kept = [r for r in RULES if survives(test, r)]
@@ -160,6 +174,11 @@ def verdict(test: dict[str, Any]) -> str:
     text = f"Significant gain (p < 0.05, above matched random neurons) under {', '.join(kept)} scoring"
     if "total" in kept and "mean" not in kept:
         text += "; not under length-normalized scoring: it is mostly a preference for shorter answers"
+    dose = [r for r in kept if _dose_effect(test, r)]
+    if dose:
+        text += (f"; but under {', '.join(dose)} scoring random neurons at the same dose raise accuracy too (a control "
+                 "seed beats unsteered with p < 0.05 and the set does not beat every control seed): part of the gain "
+                 "comes from the dose, not from these neurons")
     if "calibrated" not in kept:
         text += ("; not under calibrated scoring (log-prob after the prompt minus log-prob after the neutral premise "
                  "'Answer:'): the set raises the faithful choices' probability after the neutral premise too, so the "
@@ -174,9 +193,11 @@ def description(name: str, result: dict[str, Any], rule: str) -> str:
     parts = []
     for r in RULES:
         h = ircan.headline(test, r)
+        uniform = (f", uniform random {h['uniform']['accuracy']['mean']:.3f} ± {h['uniform']['accuracy']['sd']:.3f}"
+                   if "uniform" in h else "")
         parts.append(f"{r} log-prob {h['unsteered']['accuracy']:.3f} -> {h['set']['accuracy']:.3f} "
                      f"(p={h['mcnemar']['p_value']:.2g}; matched random {h['matched']['accuracy']['mean']:.3f} "
-                     f"± {h['matched']['accuracy']['sd']:.3f})")
+                     f"± {h['matched']['accuracy']['sd']:.3f}{uniform})")
     base, mine = test["unsteered"]["rules"]["total"]["by_length"], test["set"]["rules"]["total"]["by_length"]
     return (f"IRCAN context-aware neurons of {model} found on {name} dev "
             f"({result['config']['loc_n']} examples, m={result['config']['steps']}, top {result['config']['top_k']} per "

@@ -39,6 +39,13 @@ def param_arguments(params: BaseModel) -> list[str]:
     return args
 
 
+def model_argument(ref: Any) -> str:
+    """What ``--model`` takes to load ``ref`` again: its catalog name, else its folder."""
+    from kn_steer.models.catalog import catalog_model
+
+    return ref.name if catalog_model(ref.name) is not None else str(ref.path)
+
+
 def localize_command(method: str, params: BaseModel, data: str | Path, format: str, out: str | Path, *,
                      model: str = DEFAULT_MODEL, dtype: str = "float32", limit: int | None = None,
                      name: str | None = None) -> str:

@@ -1,6 +1,8 @@
-"""Every neuron set shipped in ``neuron_sets/`` loads, fits the default model and is documented."""
+"""Every neuron set shipped in ``neuron_sets/`` loads, fits the model it was made for and is documented."""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import pytest
 
@@ -13,12 +15,16 @@ from kn_steer.steering.compile import compile_spec
 SHIPPED = sorted(SETS.glob("*.json"))
 
 
-@pytest.fixture(scope="module")
-def identity_and_shape(default_ref):
+@lru_cache(maxsize=None)
+def identity_and_shape(model: str):
+    """The prepared model's identity and shape (each shipped set names one of the named models)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(default_ref.path)
-    return model_identity(default_ref, config), ModelShape.from_config(config)
+    from kn_steer.models import resolve_model
+
+    ref = resolve_model(model)
+    config = AutoConfig.from_pretrained(ref.path)
+    return model_identity(ref, config), ModelShape.from_config(config)
 
 
 def test_sets_are_shipped():
@@ -26,11 +32,11 @@ def test_sets_are_shipped():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
-def test_shipped_set_validates_against_default_model(path, identity_and_shape):
-    identity, shape = identity_and_shape
+def test_shipped_set_validates_against_its_model(path):
     ns = NeuronSet.load(path)
+    identity, shape = identity_and_shape(ns.model.name)
     ns.check_model(identity)  # raises NeuronSetMismatch naming both models
-    assert ns.name == path.stem
+    assert ns.name == path.stem and ns.name.startswith(f"{ns.model.name}-")
     assert ns.neurons and ns.description.strip()
     assert ns.metrics, "the measured effect belongs in metrics"
     assert ns.provenance.command, "a shipped set says how to reproduce it"
@@ -38,10 +44,14 @@ def test_shipped_set_validates_against_default_model(path, identity_and_shape):
     assert compiled.prompt.size == len(ns.neurons) or ns.operation.op == "scale" and ns.operation.factor == 1
 
 
-def test_shipped_folder_loads_as_one_registry(identity_and_shape):
-    identity, _ = identity_and_shape
+@pytest.mark.parametrize("model", sorted({NeuronSet.load(p).model.name for p in SHIPPED}))
+def test_shipped_folder_loads_as_one_registry_per_model(model):
+    """Loaded against one model, the folder keeps that model's sets and sets the others aside."""
+    identity, _ = identity_and_shape(model)
     registry = NeuronSetRegistry.load(SETS, identity)
-    assert sorted(registry) == sorted(NeuronSet.load(p).name for p in SHIPPED)
+    mine = [ns.name for ns in map(NeuronSet.load, SHIPPED) if ns.model.name == model]
+    assert sorted(registry) == sorted(mine)
+    assert set(registry.others) == {NeuronSet.load(p).name for p in SHIPPED} - set(mine)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -64,6 +74,7 @@ def test_shipped_set_is_made_by_the_library(path):
     given = {k: v for k, v in values.items() if k in method.params_model.model_fields}
     assert method.parse_params(given) == params
     assert values["name"] == ns.name and str(values["out"]) == f"neuron_sets/{path.name}"
+    assert values["model"] == ns.model.name  # the command reruns on the set's own model
     assert len(ns.neurons) == getattr(params, "count", len(ns.neurons))
     data = ROOT / values["data"]
     if data.exists():  # the shared data is not part of the repository

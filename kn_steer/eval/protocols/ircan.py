@@ -31,7 +31,7 @@ from kn_steer.eval.cache import cache_key
 from kn_steer.eval.controls import CONTROL_KINDS, layer_counts, neuron_spec
 from kn_steer.eval.scoring import RULES, EncodedItem, ItemScore
 from kn_steer.eval.summary import rules_of, summarize
-from kn_steer.localize.command import localize_command
+from kn_steer.localize.command import localize_command, model_argument
 from kn_steer.localize.methods import Context, ExampleResult
 from kn_steer.localize.methods.ircan import IRCAN, IRCANParams, examples_from_items
 from kn_steer.localize.runner import (
@@ -255,7 +255,7 @@ def build_set(ev: HFEvaluator, data: ChoiceData, config: IRCANConfig, h: int, be
     params = config.method_params(count=h, factor=beta)
     loc, _, _ = data.splits(config)
     command = localize_command(IRCAN.name, params, command_data or str(data.dev), data.format,
-                               command_out or str(out), limit=len(loc), name=name)
+                               command_out or str(out), limit=len(loc), name=name, model=model_argument(ev.ref))
     return run_localization(
         IRCAN, params, examples_from_items(loc), ev.model, ev.tokenizer, ev.ref, out,
         RunInfo(name=name, data_file=command_data or str(data.dev), description=description, command=command,

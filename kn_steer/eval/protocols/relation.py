@@ -34,7 +34,7 @@ from kn_steer.eval.controls import (
 )
 from kn_steer.eval.prompts import score_prompts
 from kn_steer.eval.protocols.common import FolderProtocol
-from kn_steer.localize.command import localize_command
+from kn_steer.localize.command import localize_command, model_argument
 from kn_steer.localize.methods.relation import (
     RELATION,
     RelationCorpus,
@@ -196,7 +196,7 @@ class RelationProtocol(FolderProtocol):
         params = self.config.method_params(relation, count)
         corpus = RelationCorpus.of(self.corpus, str(self.folder))
         command = localize_command(RELATION.name, params, command_data or str(self.folder), "pararel",
-                                   command_out or str(out), name=name)
+                                   command_out or str(out), name=name, model=model_argument(self.ref))
         return run_localization(RELATION, params, corpus, self.model, self.tokenizer, self.ref, out,
                                 RunInfo(name=name, data_file=command_data or str(self.folder), description=description,
                                         command=command, metrics=metrics, data_sha256=self.folder_sha),
