@@ -43,7 +43,13 @@ def replicas(tmp_path_factory):
         return engines.start_server(sets, presets=presets, env=env)
 
     with ThreadPoolExecutor(2) as pool:
-        servers = list(pool.map(start, range(2)))
+        futures = [pool.submit(start, k) for k in range(2)]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    servers = [f.result() for f in futures if f.exception() is None]
+    if failed:  # never leave the replica that did start running
+        for srv in servers:
+            srv.stop()
+        raise failed[0]
     yield servers, logs, config
     for srv in servers:
         srv.stop()
