@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from helpers.engines import SERVED_NAME, default_ref, server
+from helpers.engines import SERVED_NAME, default_ref
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -29,11 +29,6 @@ def _set_file(name: str, neurons=NEURONS, **changes) -> dict:
                    method=MethodInfo(name="explicit"), operation=operation,
                    neurons=[Neuron(layer=l, index=i) for l, i in neurons], **changes)
     return ns.model_dump(mode="json")
-
-
-@pytest.fixture(scope="module")
-def srv():
-    return server()
 
 
 def _complete(srv, model=SERVED_NAME, spec=None, max_tokens=8):

@@ -9,23 +9,13 @@ import httpx
 import openai
 import pytest
 
-from helpers.engines import SERVED_NAME, greedy, offline_llm, server
+from helpers.engines import SERVED_NAME, greedy, offline_llm
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 PROMPT = "The capital of France is"
 SILENCE = {"interventions": [{"set": "t-silence"}]}
 CLAMP = {"interventions": [{"set": "t-clamp"}, {"neurons": [[3, 5], [4, 6]], "op": "scale", "factor": 0.0}]}
-
-
-@pytest.fixture(scope="module")
-def srv():
-    return server()
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return srv.client()
 
 
 def _complete(client, spec=None, *, xargs=False, prompt=PROMPT, **kw):

@@ -13,23 +13,13 @@ import httpx
 import openai
 import pytest
 
-from helpers.engines import SERVED_NAME, TEST_PRESETS, TEST_SETS, server
+from helpers.engines import SERVED_NAME, TEST_PRESETS, TEST_SETS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 PROMPT = "The capital of France is"
 MIX = f"{SERVED_NAME}+t-mix"
 SILENCE = f"{SERVED_NAME}+t-silence"
-
-
-@pytest.fixture(scope="module")
-def srv():
-    return server()
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return srv.client()
 
 
 def _complete(client, model=SERVED_NAME, spec=None, **kw):
