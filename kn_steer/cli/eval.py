@@ -48,8 +48,14 @@ def eval_command(
     format: Optional[str] = typer.Option(None, "--format", help=f"{' | '.join(FORMATS)} (default: from the file's fields)."),
     set_name: Optional[str] = typer.Option(None, "--set", help="Apply this neuron set with its default operation."),
     spec: Optional[str] = typer.Option(None, "--spec", help="A kn_steer spec as JSON, or @FILE holding it."),
-    backend: str = typer.Option("hf", "--backend", help="hf (transformers reference) or vllm (serving path)."),
-    model: str = typer.Option("smollm2-135m", "--model", help="Model name or checkpoint folder."),
+    backend: str = typer.Option("hf", "--backend", help="hf (transformers reference) or vllm (serving path); "
+                                "--server implies server."),
+    server: Optional[str] = typer.Option(
+        None, "--server", metavar="URL", help="Read every score from this running kn-steer server (http://host:port)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KN_STEER_API_KEY",
+                                          help="The server's --api-key, if it has one."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name or checkpoint folder "
+                                        "(default smollm2-135m; with --server, the server's model)."),
     sets_dir: Optional[Path] = typer.Option(
         None, "--sets", help="Neuron-set folder (default: $KN_STEER_NEURON_SETS or neuron_sets/)."),
     old_sets_dir: Optional[Path] = typer.Option(None, "--sets-dir", hidden=True, help="Deprecated spelling of --sets."),
@@ -84,11 +90,11 @@ def eval_command(
         if data is not None or set_name is not None or spec is not None:
             raise KnSteerError("--side-effects SET takes the set itself; leave out --data, --set and --spec")
         if backend != "hf":
-            raise KnSteerError("--side-effects runs on the hf backend only")
+            raise KnSteerError("--side-effects runs on the hf backend or, with --server URL, on a server")
         report(set_name=side_effects_set, spec=None, model=model, sets_dir=sets_dir or old_sets_dir, text=text,
                tasks=tasks, pararel=pararel, no_defaults=no_default_data, texts=texts, task_limit=task_limit,
                doses=doses, controls=kinds or ["matched", "uniform"], seeds=seeds, sweep_seeds=sweep_seeds,
-               batch_size=min(batch_size, 8), out=out)
+               batch_size=min(batch_size, 8), out=out, server=server, api_key=api_key)
         return
     if data is None:
         raise KnSteerError("give --data FILE (or --side-effects SET)")
@@ -100,11 +106,19 @@ def eval_command(
     format = format or detect_format(data)
     if format not in FORMATS:
         raise KnSteerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if backend not in ("hf", "vllm"):
+    if server is not None:
+        if backend not in ("hf", "server"):
+            raise KnSteerError(f"--server reads scores from the server; leave out --backend {backend}")
+        if sets_dir is not None:
+            raise KnSteerError("--sets is the server's to choose: with --server, --set names one the server serves")
+        backend = "server"
+    if backend not in ("hf", "vllm", "server"):
         raise KnSteerError(f"--backend must be 'hf' or 'vllm', got {backend!r}")
+    if backend == "server" and server is None:
+        raise KnSteerError("--backend server needs --server URL")
     result = evaluate(data, format, spec=spec, set_name=set_name, model=model, backend=backend,  # type: ignore[arg-type]
                       limit=limit, sets_dir=sets_dir, batch_size=batch_size, progress=True,
-                      controls=kinds, seeds=seeds)
+                      controls=kinds, seeds=seeds, server=server, api_key=api_key)
     payload = result.to_json()
     typer.echo(f"steering: {set_name or spec or 'none'}")
     Console(width=160).print(_table(payload))

@@ -1,6 +1,7 @@
 """``kn-steer eval --side-effects SET``: the side-effect table, the dose sweep and its PNG.
 
-Defaults read ``../shared/data`` when it exists: perplexity on UD EWT paragraphs, MemoTrap and
+With ``--server URL`` every measure is read from that running server (:mod:`kn_steer.eval.server_backend`)
+instead of the transformers reference. Defaults read ``../shared/data`` when it exists: perplexity on UD EWT paragraphs, MemoTrap and
 COSE_KRE test items (first 200), PARAREL recall; any of them can be pointed elsewhere or left out.
 """
 
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from kn_steer.data import shared_data_dir
 from kn_steer.errors import KnSteerError
-from kn_steer.eval.api import HFEvaluator, make_spec, single_intervention
+from kn_steer.eval.api import Evaluator, HFEvaluator, make_spec, single_intervention
 from kn_steer.eval.cache import default_cache
 from kn_steer.eval.protocols import side_effects
 from kn_steer.fileio import atomic_savefig, atomic_write_json
@@ -34,7 +35,8 @@ def default_inputs() -> dict[str, Any]:
 
 def table_of(result: dict[str, Any]) -> Table:
     what = result["set"] or "spec"
-    table = Table(title=f"Side effects of {what} ({result['neurons']} neurons, {result['dose']['op']} "
+    where = f" on {result['server']}" if result.get("server") else ""
+    table = Table(title=f"Side effects of {what}{where} ({result['neurons']} neurons, {result['dose']['op']} "
                         f"{result['dose'].get('factor') if result['dose']['op'] == 'scale' else result['dose'].get('value')})")
     kinds = [k for k in ("matched", "uniform") if result["table"] and k in result["table"][0]]
     for col in ["measure", "unsteered", "set", "p (set vs unsteered)"] + [f"{k} random (mean ± sd)" for k in kinds]:
@@ -74,16 +76,25 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     atomic_savefig(fig, path)
 
 
-def report(*, set_name: str | None, spec: str | None, model: str, sets_dir: Path | None,
+def report(*, set_name: str | None, spec: str | None, model: str | None, sets_dir: Path | None,
            text: Path | None, tasks: list[Path], pararel: Path | None, no_defaults: bool,
            texts: int, task_limit: int, doses: str | None, controls: list[str], seeds: int,
-           sweep_seeds: int, batch_size: int, out: Path | None) -> dict[str, Any]:
+           sweep_seeds: int, batch_size: int, out: Path | None, server: str | None = None,
+           api_key: str | None = None) -> dict[str, Any]:
     defaults = {"text": None, "tasks": [], "pararel": None} if no_defaults else default_inputs()
     try:
         given = None if doses is None else [float(d) for d in doses.split(",") if d.strip()]
     except ValueError as exc:
         raise KnSteerError(f"--doses must be comma-separated numbers, got {doses!r}") from exc
-    ev = HFEvaluator(model, sets_dir=sets_dir, batch_size=batch_size, cache=default_cache("side_effects"))
+    if server is not None:
+        from kn_steer.eval.server_backend import ServerEvaluator
+
+        if sets_dir is not None:
+            raise KnSteerError("--sets is the server's to choose: with --server, SET is one the server serves")
+        ev: Evaluator = ServerEvaluator(server, api_key=api_key, model=model)
+    else:
+        ev = HFEvaluator(model or "smollm2-135m", sets_dir=sets_dir, batch_size=batch_size,
+                         cache=default_cache("side_effects"))
     steering = make_spec(spec, set_name)
     if steering is None:
         raise KnSteerError("--side-effects needs a set (SET) or a --spec with one intervention")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 from kn_steer.data import ChoiceItem, content_sha256, load_items
 from kn_steer.errors import KnSteerError
@@ -32,7 +32,7 @@ from kn_steer.steering.compile import compile_spec
 from kn_steer.steering.masks import CompiledSteering
 from kn_steer.steering.spec import SteeringSpec, parse_spec
 
-Backend = Literal["hf", "vllm"]
+Backend = Literal["hf", "vllm", "server"]
 Scorer = Callable[[Sequence[EncodedItem], "dict[str, Any] | None"], "list[ItemScore]"]
 
 
@@ -65,12 +65,35 @@ def _needs_sets(spec: SteeringSpec | None) -> bool:
     return spec is not None and any(iv.set is not None for iv in spec.interventions)
 
 
+class Evaluator(Protocol):
+    """What a protocol reads from a backend: the transformers reference (:class:`HFEvaluator`) or a
+    running server (:class:`kn_steer.eval.server_backend.ServerEvaluator`)."""
+
+    backend: str  # "hf" or "server"
+    ref: Any  # the resolved model (name, fingerprint)
+    shape: ModelShape
+    cache: ResultCache | None
+
+    @property
+    def sets(self) -> Mapping[str, Any]: ...
+
+    def encode(self, items: Sequence[ChoiceItem]) -> list[EncodedItem]: ...
+
+    def score(self, items: Sequence[Any], spec: Any = None, progress: bool = False) -> list[ItemScore]: ...
+
+    def text_nll(self, texts: Sequence[str], spec: Any, max_tokens: int) -> list[tuple[float, int]]: ...
+
+    def prompt_correct(self, prompts: Sequence[str], targets: Sequence[str], spec: Any) -> list[bool]: ...
+
+
 class HFEvaluator:
     """A loaded transformers model that scores item lists under any number of specs.
 
     With a ``cache``, scores of explicit neuron specs are stored under a key of the model
     fingerprint, the items' token ids and labels, the spec and :data:`SCORING_VERSION`: protocols
     that score hundreds of conditions resume where they stopped."""
+
+    backend = "hf"
 
     def __init__(self, model: str | Path = "smollm2-135m", sets_dir: str | Path | None = None,
                  batch_size: int = 16, device: str = "cpu", cache: ResultCache | None = None,
@@ -99,6 +122,18 @@ class HFEvaluator:
 
     def encode(self, items: Sequence[ChoiceItem]) -> list[EncodedItem]:
         return encode_items(self.tokenizer, items)
+
+    def text_nll(self, texts: Sequence[str], spec: Any, max_tokens: int) -> list[tuple[float, int]]:
+        """(summed NLL, predicted tokens) per text (:func:`kn_steer.eval.perplexity.text_nll`)."""
+        from kn_steer.eval.perplexity import text_nll
+
+        return text_nll(self.model, self.tokenizer, texts, self.compile(spec), max_tokens, self.batch_size)
+
+    def prompt_correct(self, prompts: Sequence[str], targets: Sequence[str], spec: Any) -> list[bool]:
+        """Whether each target's first token is the argmax after its prompt."""
+        from kn_steer.eval.prompts import score_prompts
+
+        return score_prompts(self.model, self.tokenizer, prompts, targets, self.compile(spec)).correct.tolist()
 
     def score(self, items: Sequence[Any], spec: SteeringSpec | Mapping[str, Any] | str | None = None,
               progress: bool = False) -> list[ItemScore]:
@@ -202,7 +237,7 @@ def evaluate(
     spec: SteeringSpec | Mapping[str, Any] | str | None = None,
     set_name: str | None = None,
     *,
-    model: str | Path = "smollm2-135m",
+    model: str | Path | None = None,
     backend: Backend = "hf",
     limit: int | None = None,
     sets_dir: str | Path | None = None,
@@ -210,6 +245,8 @@ def evaluate(
     progress: bool = False,
     controls: Sequence[str] = (),
     seeds: int = 5,
+    server: str | None = None,
+    api_key: str | None = None,
 ) -> EvalResult:
     """Score ``data`` (MemoTrap or COSE_KRE file) unsteered and under a spec or a named set (with
     the paired tests), and under random controls of the same dose if ``controls`` names kinds."""
@@ -217,8 +254,15 @@ def evaluate(
     if limit is not None:
         items = items[:limit]
     steering = make_spec(spec, set_name)
-    if backend == "hf":
-        evaluator = HFEvaluator(model, sets_dir=sets_dir, batch_size=batch_size)
+    if backend in ("hf", "server"):
+        if backend == "server":
+            from kn_steer.eval.server_backend import ServerEvaluator
+
+            if server is None:
+                raise KnSteerError("the server backend needs the server's URL")
+            evaluator: Evaluator = ServerEvaluator(server, api_key=api_key, model=model)
+        else:
+            evaluator = HFEvaluator(model or "smollm2-135m", sets_dir=sets_dir, batch_size=batch_size)
         encoded = evaluator.encode(items)
 
         def scorer(enc: Sequence[EncodedItem], s: dict[str, Any] | None) -> list[ItemScore]:
@@ -230,7 +274,7 @@ def evaluate(
             VLLMEvaluator,  # vLLM is an optional dependency
         )
 
-        vevaluator = VLLMEvaluator(model, sets_dir=sets_dir)
+        vevaluator = VLLMEvaluator(model or "smollm2-135m", sets_dir=sets_dir)
         encoded = encode_items(vevaluator.tokenizer, items)
 
         def scorer(enc: Sequence[EncodedItem], s: dict[str, Any] | None) -> list[ItemScore]:
@@ -239,7 +283,7 @@ def evaluate(
         model_name, shape = vevaluator.ref.name, vevaluator.shape
         sets = vevaluator.sets if _needs_sets(steering) else {}
     else:
-        raise KnSteerError(f"unknown backend {backend!r}; use 'hf' or 'vllm'")
+        raise KnSteerError(f"unknown backend {backend!r}; use 'hf', 'vllm' or 'server'")
     compared = compare_conditions(scorer, encoded, steering, sets, shape, controls, seeds)
     baseline = compared["unsteered"]
     return EvalResult(

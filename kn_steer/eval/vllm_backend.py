@@ -83,18 +83,33 @@ class VLLMEvaluator:
             raw = json.loads(spec.model_dump_json(exclude_none=True)) if isinstance(spec, SteeringSpec) else dict(spec)
             extra = {"kn_steer": raw}
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra)
-        prompts, where = [], []
-        for k, enc in enumerate(encoded):
-            heads = [enc.prompt_ids] + ([enc.neutral_ids] if calibrate else [])
-            for h, head in enumerate(heads):
-                for c, choice in enumerate(enc.choice_ids):
-                    prompts.append(TokensPrompt(prompt_token_ids=list(head) + list(choice)))
-                    where.append((k, h, c, len(head)))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        totals = [[[0.0] * len(e.choice_ids) for _ in range(2)] for e in encoded]
-        for (k, h, c, start), out in zip(where, outputs):
-            ids = out.prompt_token_ids
-            totals[k][h][c] = sum(out.prompt_logprobs[pos][ids[pos]].logprob for pos in range(start, len(ids)))
-        return [ItemScore(e.item.id, tuple(t[0]), e.item.faithful, e.item.trap,
-                          tuple(len(c) for c in e.choice_ids), tuple(t[1]) if calibrate else None)
-                for e, t in zip(encoded, totals)]
+        rows, where = choice_rows(encoded, calibrate)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
+        logprobs = [[0.0] + [out.prompt_logprobs[pos][tok].logprob for pos, tok in enumerate(out.prompt_token_ids) if pos]
+                    for out in outputs]  # the first token has no log-probability
+        return item_scores(encoded, where, logprobs, calibrate)
+
+
+def choice_rows(encoded: Sequence[EncodedItem], calibrate: bool) -> tuple[list[list[int]], list[tuple[int, int, int, int]]]:
+    """Every ``head + choice`` token row to score (head: the prompt, and the neutral prompt when
+    calibrating), with (item, head, choice, choice start) for each."""
+    rows, where = [], []
+    for k, enc in enumerate(encoded):
+        heads = [enc.prompt_ids] + ([enc.neutral_ids] if calibrate else [])
+        for h, head in enumerate(heads):
+            for c, choice in enumerate(enc.choice_ids):
+                rows.append(list(head) + list(choice))
+                where.append((k, h, c, len(head)))
+    return rows, where
+
+
+def item_scores(encoded: Sequence[EncodedItem], where: Sequence[tuple[int, int, int, int]],
+                logprobs: Sequence[Sequence[float]], calibrate: bool) -> list[ItemScore]:
+    """Item scores from each row's per-token log-probabilities (``logprobs[r][pos]``: of token
+    ``pos`` given the ones before), summed over the choice's tokens."""
+    totals = [[[0.0] * len(e.choice_ids) for _ in range(2)] for e in encoded]
+    for (k, h, c, start), row in zip(where, logprobs):
+        totals[k][h][c] = float(sum(row[start:]))
+    return [ItemScore(e.item.id, tuple(t[0]), e.item.faithful, e.item.trap,
+                      tuple(len(c) for c in e.choice_ids), tuple(t[1]) if calibrate else None)
+            for e, t in zip(encoded, totals)]

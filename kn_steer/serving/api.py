@@ -356,6 +356,16 @@ def install_routes(app: Any) -> None:
             return _error(exc.status, str(exc))
         return JSONResponse(status_code=201, content=described)
 
+    async def get_set(name: str) -> JSONResponse:
+        """One set's whole file (its neurons too): what a client needs to copy its dose."""
+        registry = current_context().registry
+        try:
+            ns = registry[name]
+        except KeyError:
+            known = f"; it belongs to model {registry.others[name]!r}" if name in registry.others else ""
+            return _error(404, f"no neuron set named {name!r} is served{known}")
+        return JSONResponse(json.loads(ns.model_dump_json()))
+
     async def delete_set(name: str) -> JSONResponse:
         from kn_steer.serving import runtime_sets
 
@@ -366,6 +376,7 @@ def install_routes(app: Any) -> None:
 
     app.add_api_route(SETS_ROUTE, list_sets, methods=["GET"], name="kn_steer_sets")
     app.add_api_route(SETS_ROUTE, post_set, methods=["POST"], name="kn_steer_register_set")
+    app.add_api_route(SETS_ROUTE + "/{name}", get_set, methods=["GET"], name="kn_steer_set")
     app.add_api_route(SETS_ROUTE + "/{name}", delete_set, methods=["DELETE"], name="kn_steer_delete_set")
     app.add_api_route(STATUS_ROUTE, status, methods=["GET"], name="kn_steer_status")
     app.add_middleware(SteeringGuard)

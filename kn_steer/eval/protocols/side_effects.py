@@ -23,11 +23,10 @@ from tqdm.auto import tqdm
 from kn_steer.data import content_sha256, detect_format, load_items
 from kn_steer.data.pararel import load_pararel, relation_prompts
 from kn_steer.data.text import load_texts
-from kn_steer.eval.api import HFEvaluator, make_spec, single_intervention, spec_json
+from kn_steer.eval.api import Evaluator, make_spec, single_intervention, spec_json
 from kn_steer.eval.cache import SCORING_VERSION, cache_key, content_key
 from kn_steer.eval.controls import CONTROL_KINDS, control_neurons, layer_counts, neuron_spec
-from kn_steer.eval.perplexity import perplexity, text_nll
-from kn_steer.eval.prompts import score_prompts
+from kn_steer.eval.perplexity import perplexity
 from kn_steer.stats import compare_paired_binary, compare_paired_signed_rank
 from kn_steer.steering.spec import SteeringSpec
 
@@ -77,7 +76,7 @@ def _wilcoxon_nll(arm: list, base: list) -> float:
     return compare_paired_signed_rank([(a[0] / max(a[1], 1), b[0] / max(b[1], 1)) for a, b in zip(arm, base)]).p_value
 
 
-def build_measures(ev: HFEvaluator, config: SideEffectsConfig, progress: bool = False) -> list[Measure]:
+def build_measures(ev: Evaluator, config: SideEffectsConfig, progress: bool = False) -> list[Measure]:
     """The measures the config names, each reading and caching through ``ev``."""
     measures: list[Measure] = []
     fingerprint = ev.ref.fingerprint
@@ -93,8 +92,7 @@ def build_measures(ev: HFEvaluator, config: SideEffectsConfig, progress: bool = 
         inputs = content_key([texts, config.max_tokens])
 
         def nll(spec: Any) -> list:
-            return cached("text-nll", inputs, spec, lambda: [list(v) for v in text_nll(
-                ev.model, ev.tokenizer, texts, ev.compile(spec), config.max_tokens, config.batch_size)])
+            return cached("text-nll", inputs, spec, lambda: [list(v) for v in ev.text_nll(texts, spec, config.max_tokens)])
 
         measures.append(Measure(f"perplexity ({Path(config.text).name}, {len(texts)} texts)", "perplexity", nll,
                                 lambda units: perplexity([tuple(u) for u in units]), _wilcoxon_nll, len(texts)))
@@ -112,9 +110,8 @@ def build_measures(ev: HFEvaluator, config: SideEffectsConfig, progress: bool = 
 
         def recall(spec: Any, chosen: Sequence[Any]) -> list:
             inputs = content_key([[p.prompt, p.target] for p in chosen])
-            return cached("prompt-correct", inputs, spec, lambda: score_prompts(
-                ev.model, ev.tokenizer, [p.prompt for p in chosen], [p.target for p in chosen],
-                ev.compile(spec)).correct.tolist())
+            return cached("prompt-correct", inputs, spec, lambda: ev.prompt_correct(
+                [p.prompt for p in chosen], [p.target for p in chosen], spec))
 
         known = [p for p, ok in zip(prompts, recall(None, prompts)) if ok]
         if known:
@@ -133,7 +130,7 @@ def _mean_sd(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def run(ev: HFEvaluator, steering: SteeringSpec | dict[str, Any] | str | None, config: SideEffectsConfig,
+def run(ev: Evaluator, steering: SteeringSpec | dict[str, Any] | str | None, config: SideEffectsConfig,
         set_name: str | None = None, progress: bool = True) -> dict[str, Any]:
     """The side-effect table (and dose sweep) of one set or one-intervention spec; JSON-ready."""
     spec = make_spec(steering, set_name)
@@ -183,7 +180,8 @@ def run(ev: HFEvaluator, steering: SteeringSpec | dict[str, Any] | str | None, c
                              "matched": _mean_sd(ctrl) if ctrl else None}
         sweep.append(point)
     return {
-        "protocol": "side-effects", "model": ev.ref.name, "model_fingerprint": ev.ref.fingerprint,
+        "protocol": "side-effects", "backend": ev.backend, "server": getattr(ev, "url", None),
+        "model": ev.ref.name, "model_fingerprint": ev.ref.fingerprint,
         "set": set_name, "spec": spec_json(spec), "neurons": len(neurons), "layers": layer_counts(neurons),
         "dose": dose, "config": config.model_dump(mode="json"),
         "data_sha256": {str(p): content_sha256(p) for p in [config.text, *config.tasks, config.pararel] if p},
