@@ -174,14 +174,20 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
-        self.proc, self.port, self.log = proc, port, log
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path, api_key: str | None = None):
+        self.proc, self.port, self.log, self.api_key = proc, port, log, api_key
         self.base_url = f"http://127.0.0.1:{port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What an HTTP request needs to pass the server's ``--api-key`` (nothing without one)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def client(self):
         import openai
 
-        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="none", max_retries=0, timeout=300)
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key or "none", max_retries=0,
+                             timeout=300)
 
     def healthy(self) -> bool:
         import httpx
@@ -205,12 +211,12 @@ SERVER_MAX_NEURONS = 20000
 
 def start_server(sets: Path, extra: list[str] | None = None, timeout: float = 900,
                  max_neurons: int = SERVER_MAX_NEURONS, presets: Path | None = None,
-                 env: dict[str, str] | None = None) -> Server:
+                 env: dict[str, str] | None = None, api_key: str | None = None) -> Server:
     """``kn-steer serve`` in a subprocess (engine settings of :func:`offline_llm`, but eager:
     vLLM's compile cache does not load back on this CPU build, and a compile costs minutes).
 
     Presets: ``presets``, else ``$KN_STEER_PRESETS``, else :data:`TEST_PRESETS`. ``env``: variables of
-    this server only (several may start at once from threads)."""
+    this server only (several may start at once from threads). ``api_key``: vLLM's ``--api-key``."""
     _base_env()
     port = _free_port()
     log = Path(tempfile.mkstemp(prefix="kn-steer-server-", suffix=".log")[1])
@@ -220,10 +226,10 @@ def start_server(sets: Path, extra: list[str] | None = None, timeout: float = 90
         "--max-neurons", str(max_neurons), "--presets", str(presets), "--", "--enforce-eager",
         "--dtype", ENGINE_KW["dtype"], "--max-model-len", str(ENGINE_KW["max_model_len"]),
         "--max-num-seqs", str(ENGINE_KW["max_num_seqs"]), "--seed", str(ENGINE_KW["seed"]),
-        *(extra or []),
+        *(["--api-key", api_key] if api_key else []), *(extra or []),
     ]
     proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = Server(proc, port, log)
+    server = Server(proc, port, log, api_key)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -3,7 +3,9 @@ balancer" (the test sends each request to one or the other).
 
 Asserted: a unit lands in the same arm on both; an outcome posted to either replica for a request
 the other served is checked (type, unknown id) and recorded; ``kn-steer ab report`` over both logs
-counts every request and outcome once.
+counts every request and outcome once. The second replica has vLLM's ``--api-key``: kn-steer's
+routes (outcomes, sets registered at run time, the set listing) need it there, and the side-effects
+client passes it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 EXPERIMENT = "replicated"
 ARMS = [("control", None), ("silence", {"interventions": [{"set": "t-silence"}]})]
 PROMPT = "The capital of France is"
+KEY = "replica-b-secret"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def replicas(tmp_path_factory):
     def start(k: int):
         env = {"KN_STEER_EXPERIMENTS": str(config), "KN_STEER_AB_LOG": str(logs[k]),
                "KN_STEER_AB_PEER_LOGS": str(logs[1 - k])}
-        return engines.start_server(sets, presets=presets, env=env)
+        return engines.start_server(sets, presets=presets, env=env, api_key=KEY if k == 1 else None)
 
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(start, k) for k in range(2)]
@@ -62,7 +65,7 @@ def _ask(srv, unit: str):
 
 def _outcome(srv, request_id: str, value) -> httpx.Response:
     return httpx.post(srv.base_url + "/v1/kn_steer/outcomes", json={"request_id": request_id, "outcome": value},
-                      timeout=30)
+                      headers=srv.headers, timeout=30)
 
 
 def test_units_arms_and_outcomes_hold_across_replicas(replicas):
@@ -108,3 +111,28 @@ def test_units_arms_and_outcomes_hold_across_replicas(replicas):
     assert ran.exit_code == 0, ran.output
     saved = json.loads(out.read_text())
     assert sum(arm["outcomes"] for arm in saved["experiments"][0]["arms"]) == len(outcomes)
+
+
+def test_the_api_key_guards_kn_steers_routes(replicas):
+    (a, b), _, _ = replicas
+    from kn_steer.errors import KnSteerError
+    from kn_steer.eval.server_backend import ServerEvaluator
+
+    body = (engines.sets_dir() / "t-clamp.json").read_text().replace('"t-clamp"', '"t-keyed"')
+    for method, path, kw in (("GET", "/v1/kn_steer/sets", {}), ("GET", "/v1/kn_steer/sets/t-boost", {}),
+                             ("POST", "/v1/kn_steer/sets", {"content": body}),
+                             ("DELETE", "/v1/kn_steer/sets/t-boost", {}),
+                             ("POST", "/v1/kn_steer/outcomes", {"json": {"request_id": "x", "outcome": True}})):
+        refused = httpx.request(method, b.base_url + path, timeout=30, **kw)
+        assert refused.status_code == 401, (method, path, refused.text)
+    posted = httpx.post(b.base_url + "/v1/kn_steer/sets", content=body, headers=b.headers, timeout=30)
+    assert posted.status_code == 201, posted.text
+    listed = httpx.get(b.base_url + "/v1/kn_steer/sets", headers=b.headers, timeout=30).json()
+    assert "t-keyed" in [d["name"] for d in listed["data"]]
+    assert httpx.delete(b.base_url + "/v1/kn_steer/sets/t-keyed", headers=b.headers, timeout=30).status_code == 200
+    with pytest.raises(KnSteerError, match="401"):
+        ServerEvaluator(b.base_url)
+    keyed = ServerEvaluator(b.base_url, api_key=KEY)
+    ((nll, n),) = keyed.text_nll([PROMPT], None, 8)
+    ((open_nll, open_n),) = ServerEvaluator(a.base_url).text_nll([PROMPT], None, 8)
+    assert n == open_n and nll == pytest.approx(open_nll, rel=1e-5)
