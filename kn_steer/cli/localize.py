@@ -27,7 +27,7 @@ from kn_steer.localize.command import (
     negative_option_name,
     option_name,
 )
-from kn_steer.localize.methods import METHODS, ExampleMethod, Method
+from kn_steer.localize.methods import METHODS, CorpusMethod, ExampleMethod, Method, WeightMethod
 from kn_steer.localize.runner import RunInfo, examples_path, run_localization
 from kn_steer.models import DEFAULT_MODEL, ModelRef, load_hf_model, load_tokenizer, resolve_model
 
@@ -74,7 +74,7 @@ localize_app = typer.Typer(
 
 
 def _common(method: Method) -> list[inspect.Parameter]:
-    formats = method.format_names
+    formats = method.format_names or ("none",)  # a weights method reads no data (its data options are dropped)
     options: dict[str, tuple[Any, Any]] = {
         "data": (Path, typer.Option(..., "--data", help="Examples file, or data folder (see --format).")),
         "data_format": (Optional[Literal[formats]], typer.Option(  # type: ignore[valid-type]
@@ -105,11 +105,15 @@ def _common(method: Method) -> list[inspect.Parameter]:
             help="With --workers: an existing Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of "
                  "a local one started for the run.")),
     }
+    if isinstance(method, WeightMethod):  # reads the weights only: no data, nothing to shard or chunk
+        for name in DATA_OPTIONS:
+            options.pop(name)
     return [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
             for k, (ann, opt) in options.items()]
 
 
-COMMON = {p.name for p in _common(next(iter(METHODS.values())))}
+DATA_OPTIONS = ("data", "data_format", "limit", "step_chunk", "workers", "address")
+COMMON = {p.name for p in _common(next(m for m in METHODS.values() if not isinstance(m, WeightMethod)))}
 
 # ------------------------------------------------------------------------------ method options
 
@@ -172,16 +176,18 @@ def _driver_model(ref: ModelRef) -> tuple[Any, Any]:
 
 
 def _run(method: Method, values: dict[str, Any]) -> None:
-    common = {k: values.pop(k) for k in COMMON}
+    common = {k: values.pop(k, None) for k in COMMON}  # a weights method has no data options
     params: BaseModel = method.parse_params(values)
     data, out = common["data"], common["out"]
     workers, address = common["workers"], common["address"]
     _check_workers(method, workers, address, common["device_map"])
-    data_format = common["data_format"] or method.format_names[0]
+    data_format = common["data_format"] or (method.format_names[0] if method.format_names else None)
     if isinstance(method, ExampleMethod):
         loaded = method.load(data, data_format, common["limit"])
-    else:
+    elif isinstance(method, CorpusMethod):
         loaded = method.load(data, data_format, params, common["limit"])
+    else:
+        loaded = None
     ref = resolve_model(common["model"], common["dtype"])
     scorer, config = None, None
     if workers is None:
@@ -200,13 +206,14 @@ def _run(method: Method, values: dict[str, Any]) -> None:
                                dtype=common["dtype"], limit=common["limit"], name=common["name"])
     neuron_set = run_localization(
         method, params, loaded, hf_model, tokenizer, ref, out,
-        RunInfo(name=common["name"] or _default_name(out), data_file=str(data),
+        RunInfo(name=common["name"] or _default_name(out), data_file=None if data is None else str(data),
                 description=common["description"], command=command),
         step_chunk=common["step_chunk"], progress=common["progress"], scorer=scorer, config=config,
     )
     where = f"; per-example results: {examples_path(out)}" if isinstance(method, ExampleMethod) else ""
-    typer.echo(f"wrote {out}: {len(neuron_set.neurons)} neurons from {neuron_set.provenance.examples} "
-               f"{'examples' if isinstance(method, ExampleMethod) else 'corpus prompts'} "
+    source = {"example": "examples", "corpus": "corpus prompts"}.get(method.kind)
+    read = f" from {neuron_set.provenance.examples} {source}" if source else " from the weights"
+    typer.echo(f"wrote {out}: {len(neuron_set.neurons)} neurons{read} "
                f"(layers: {neuron_set.counts_per_layer()}){where}")
 
 
@@ -217,7 +224,7 @@ def _command(method: Method):
     parameters = _common(method) + _method_parameters(method)
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in parameters}
-    kind = "per-example" if isinstance(method, ExampleMethod) else "corpus"
+    kind = {"example": "per-example", "corpus": "corpus", "weights": "weights"}[method.kind]
     command.__doc__ = (f"{method.description} ({kind} method). Resumes after an interruption."
                        if kind == "per-example" else f"{method.description} ({kind} method).")
     return command

@@ -46,11 +46,13 @@ def model_argument(ref: Any) -> str:
     return ref.name if catalog_model(ref.name) is not None else str(ref.path)
 
 
-def localize_command(method: str, params: BaseModel, data: str | Path, format: str, out: str | Path, *,
-                     model: str = DEFAULT_MODEL, dtype: str = "float32", limit: int | None = None,
+def localize_command(method: str, params: BaseModel, data: str | Path | None, format: str | None, out: str | Path,
+                     *, model: str = DEFAULT_MODEL, dtype: str = "float32", limit: int | None = None,
                      name: str | None = None) -> str:
-    """The shell command that reruns this localization (paths as given)."""
-    args: list[Any] = ["kn-steer", "localize", method, "--data", str(data), "--format", format]
+    """The shell command that reruns this localization (paths as given; no data for a weights method)."""
+    args: list[Any] = ["kn-steer", "localize", method]
+    if data is not None:
+        args += ["--data", str(data), "--format", str(format)]
     if limit is not None:
         args += ["--limit", str(limit)]
     args += param_arguments(params)

@@ -37,6 +37,7 @@ from kn_steer.localize.examples import check_targets
 from kn_steer.localize.methods import (
     Context,
     ExampleMethod,
+    WeightMethod,
     ExampleResult,
     Method,
     Selection,
@@ -224,7 +225,8 @@ def run_localization(
     scorer: ExampleScorer | None = None,
     config: Any = None,
 ) -> NeuronSet:
-    """Run ``method`` on ``data`` (a list of examples, or a corpus), select, write the set.
+    """Run ``method`` on ``data`` (a list of examples, a corpus, or None for a weights method),
+    select, write the set.
 
     ``checkpoint``: a per-example checkpoint of the caller's own (a protocol's) to read and extend;
     it is left where it is. By default the checkpoint lives next to ``out`` (see module doc).
@@ -251,6 +253,9 @@ def run_localization(
         selection: Selection = spec.select(results, params)
         metrics["resumed_examples"] = reused
         count = len(data)
+    elif isinstance(spec, WeightMethod):
+        selection = spec.select(ctx, params)
+        count = None  # no data: the weights are the input
     else:
         selection = spec.select(spec.accumulate(ctx, data, params), params)
         count = len(data.prompts)

@@ -32,6 +32,11 @@ class FamilyAdapter:
     # paths from the CausalLM object of the modules between the last decoder layer and the LM head,
     # applied in order (a missing/None module is skipped, e.g. OPT's project_out when unused)
     final_modules: tuple[str, ...] = ()
+    # norms a neuron's directions pass through (paths inside a layer; None: none): the one before the
+    # MLP scales what a neuron reads, one on the MLP's output (Gemma 2/3) scales what it writes
+    mlp_in_norm: str | None = None
+    mlp_out_norm: str | None = None
+    norm_offset: float = 0.0  # an RMSNorm's gain is ``offset + weight`` (Gemma stores the gain minus one)
 
     def num_layers(self, config: Any) -> int:
         return int(_first_attr(config, ("num_hidden_layers", "n_layer", "num_layers")))
@@ -55,30 +60,35 @@ def _first_attr(obj: Any, names: tuple[str, ...], default: Any = ...) -> Any:
 
 _LLAMA_LIKE = dict(
     gated=True, layers_path="model.layers", out_proj="mlp.down_proj", in_proj="mlp.up_proj",
-    final_modules=("model.norm",),
+    final_modules=("model.norm",), mlp_in_norm="post_attention_layernorm",
 )
+_GEMMA2_LIKE = {**_LLAMA_LIKE, "mlp_in_norm": "pre_feedforward_layernorm",
+                "mlp_out_norm": "post_feedforward_layernorm", "norm_offset": 1.0}
 
 ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("llama", ("LlamaForCausalLM",), ("llama",), serving=True, **_LLAMA_LIKE),
     FamilyAdapter("mistral", ("MistralForCausalLM",), ("mistral",), serving=True, **_LLAMA_LIKE),
     FamilyAdapter("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), serving=True, **_LLAMA_LIKE),
     FamilyAdapter("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), serving=True, **_LLAMA_LIKE),
-    FamilyAdapter("gemma", ("GemmaForCausalLM", "Gemma2ForCausalLM"), ("gemma", "gemma2"), **_LLAMA_LIKE),
+    FamilyAdapter("gemma", ("GemmaForCausalLM",), ("gemma",), **{**_LLAMA_LIKE, "norm_offset": 1.0}),
+    FamilyAdapter("gemma2", ("Gemma2ForCausalLM",), ("gemma2",), **_GEMMA2_LIKE),
     # served: proven against the transformers reference on Gemma-3-270M (tests/integration/test_serving_gemma.py)
-    FamilyAdapter("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), serving=True, **_LLAMA_LIKE),
+    FamilyAdapter("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), serving=True, **_GEMMA2_LIKE),
     FamilyAdapter(
         "gpt2", ("GPT2LMHeadModel",), ("gpt2",), gated=False, layers_path="transformer.h",
         out_proj="mlp.c_proj", in_proj="mlp.c_fc", conv1d=True, final_modules=("transformer.ln_f",),
+        mlp_in_norm="ln_2",
     ),
     FamilyAdapter(
         "opt", ("OPTForCausalLM",), ("opt",), gated=False, layers_path="model.decoder.layers",
         out_proj="fc2", in_proj="fc1",
         final_modules=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+        mlp_in_norm="final_layer_norm",
     ),
     FamilyAdapter(
         "gpt_neox", ("GPTNeoXForCausalLM",), ("gpt_neox",), gated=False,
         layers_path="gpt_neox.layers", out_proj="mlp.dense_4h_to_h", in_proj="mlp.dense_h_to_4h",
-        final_modules=("gpt_neox.final_layer_norm",),
+        final_modules=("gpt_neox.final_layer_norm",), mlp_in_norm="post_attention_layernorm",
     ),
 )
 

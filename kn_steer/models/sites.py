@@ -109,6 +109,53 @@ def write_vectors(model: nn.Module, layer: int, family: FamilyAdapter | None = N
     return weight.detach() if family.conv1d else weight.detach().T
 
 
+def _through_norm(norm: nn.Module, directions: torch.Tensor, offset: float) -> torch.Tensor:
+    """The linear part of a norm applied to directions [n, hidden]: centering (LayerNorm) and the
+    gain. Its division by the input's scale is one positive factor per position: it scales every
+    direction alike and changes no ranking."""
+    d = directions.float()
+    if isinstance(norm, nn.LayerNorm):
+        d = d - d.mean(-1, keepdim=True)
+    weight = getattr(norm, "weight", None)
+    return d if weight is None else d * (offset + weight.detach().float())
+
+
+def residual_directions(model: nn.Module, layer: int, kind: str, family: FamilyAdapter | None = None) -> torch.Tensor:
+    """[intermediate, hidden]: each neuron's direction in the residual stream. ``write``: its
+    output column after the norm on the MLP's output, if the family has one; ``read``: the
+    direction of the residual stream its up/fc row responds to, through the norm before the MLP
+    (for gated MLPs the gate row is left out)."""
+    family = _family(model, family)
+    block = decoder_layers(model, family)[layer]
+    if kind == "write":
+        norm_path, vectors = family.mlp_out_norm, write_vectors(model, layer, family)
+    elif kind == "read":
+        norm_path, vectors = family.mlp_in_norm, read_vectors(model, layer, family)
+    else:
+        raise ValueError(f"kind must be 'read' or 'write', got {kind!r}")
+    if norm_path is None:
+        return vectors.float()
+    norm = get_path(block, norm_path)
+    if kind == "read":  # the neuron reads norm(x): u . (g * x) = (u * g) . x (then centred for LayerNorm)
+        d = vectors.float() * (family.norm_offset + norm.weight.detach().float())
+        return d - d.mean(-1, keepdim=True) if isinstance(norm, nn.LayerNorm) else d
+    return _through_norm(norm, vectors, family.norm_offset)
+
+
+def to_unembedding_space(model: nn.Module, directions: torch.Tensor, family: FamilyAdapter | None = None
+                         ) -> torch.Tensor:
+    """Residual-stream directions [n, hidden] carried through the final modules (the final norm's
+    linear part, OPT's projection) into the space the LM head reads."""
+    family = _family(model, family)
+    d = directions.float()
+    for module in final_modules(model, family):
+        if isinstance(module, nn.Linear):
+            d = d @ module.weight.detach().float().T
+        else:
+            d = _through_norm(module, d, family.norm_offset)
+    return d
+
+
 # ------------------------------------------------------------------------------ canonical view
 
 

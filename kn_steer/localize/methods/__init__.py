@@ -4,6 +4,7 @@ in :data:`METHODS`.
 * ``kn`` (:mod:`.kn`, per-example) — knowledge neurons, Dai et al. 2022
 * ``ircan`` (:mod:`.ircan`, per-example) — context-aware neurons, IRCAN
 * ``relation`` (:mod:`.relation`, corpus) — relation-specific neurons by average precision
+* ``concept`` (:mod:`.concept`, weights) — the neurons of a word through the LM head, Davies et al.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from kn_steer.localize.methods.base import (
     Method,
     ScoredNeuron,
     Selection,
+    WeightMethod,
 )
+from kn_steer.localize.methods.concept import CONCEPT
 from kn_steer.localize.methods.ircan import IRCAN
 from kn_steer.localize.methods.kn import KN
 from kn_steer.localize.methods.relation import RELATION
 
-METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION)}
+METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION, CONCEPT)}
 
 
 def get_method(name: str) -> Method:
@@ -40,4 +43,4 @@ def available_methods() -> list[str]:
 
 
 __all__ = ["Context", "CorpusMethod", "CorpusStats", "ExampleMethod", "ExampleResult", "METHODS", "Method",
-           "ScoredNeuron", "Selection", "available_methods", "get_method"]
+           "ScoredNeuron", "Selection", "WeightMethod", "available_methods", "get_method"]

@@ -1,16 +1,18 @@
-"""What a localization method is: two kinds, one small contract each.
+"""What a localization method is: three kinds, one small contract each.
 
 * :class:`ExampleMethod` — *per-example*: each example is scored on its own (integrated gradients
   for one fact or one context/question pair) into an :class:`ExampleResult`; ``select`` turns all
   results into the set. Results are checkpointed per example, so long runs resume, and only the
   ``checkpoint_params`` key them: re-selecting with another ``count`` reuses finished examples.
+* :class:`WeightMethod` — *weights*: the model's weights alone (no data), e.g. each neuron's
+  direction read through the LM head.
 * :class:`CorpusMethod` — *corpus*: statistics accumulated over a whole corpus (e.g. each
   neuron's average precision as a detector of one relation among all relations' prompts) into
   :class:`CorpusStats`; ``select`` picks the set from them. A corpus is built from a data folder
   *under the method's parameters* (how many facts, which split), so the parameters alone say
   what was read.
 
-Both have a name, a pydantic parameter model (it generates the CLI options and validates
+All have a name, a pydantic parameter model (it generates the CLI options and validates
 ``method.params`` of every set the method writes) and the data formats they read.
 """
 
@@ -91,7 +93,7 @@ ExampleReader = Callable[[Path, Union[int, None]], list]
 
 
 class _Parameterized:
-    """What both kinds share: a name and a parameter model that validates given values."""
+    """What every kind shares: a name and a parameter model that validates given values."""
 
     name: str
     params_model: type[BaseModel]
@@ -157,5 +159,21 @@ class CorpusMethod(_Parameterized):
         return self.load_corpus(Path(path), format, params, limit)
 
 
-Method = Union[ExampleMethod, CorpusMethod]
+@dataclass(frozen=True)
+class WeightMethod(_Parameterized):
+    """A weights method: reads the model's weights only, no data (e.g. neurons read through the LM
+    head); ``select`` computes the set from the model in ``Context``."""
+
+    kind: ClassVar[Literal["weights"]] = "weights"
+    name: str
+    description: str
+    params_model: type[BaseModel]
+    select: Callable[[Context, Any], Selection]
+
+    @property
+    def format_names(self) -> tuple[str, ...]:
+        return ()
+
+
+Method = Union[ExampleMethod, CorpusMethod, WeightMethod]
 

@@ -46,11 +46,19 @@ def test_help_shows_only_the_methods_own_options() -> None:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_recorded_command_parses_back_to_the_same_parameters(name: str) -> None:
     method = METHODS[name]
-    params = method.parse_params({"relation": "P36"} if name == "relation" else {})
-    changed = params.model_copy(update={"count": 7} if "count" in method.params_model.model_fields else {"threshold": 0.3})
-    command = localize_command(name, changed, "data path/x", method.format_names[0], "out.json", limit=3)
-    parsed_method, values = parse_localize_command(command)
-    assert parsed_method is method and values["limit"] == 3 and str(values["data"]) == "data path/x"
+    required = {"relation": {"relation": "P36"}, "concept": {"word": "dog"}}
+    params = method.parse_params(required.get(name, {}))
+    fields = method.params_model.model_fields
+    changed = params.model_copy(update={"count": 7} if "count" in fields else {"top": 4} if "top" in fields
+                                else {"threshold": 0.3})
+    if method.kind == "weights":  # no data options at all
+        command = localize_command(name, changed, None, None, "out.json")
+        parsed_method, values = parse_localize_command(command)
+        assert parsed_method is method and "data" not in values and "limit" not in values
+    else:
+        command = localize_command(name, changed, "data path/x", method.format_names[0], "out.json", limit=3)
+        parsed_method, values = parse_localize_command(command)
+        assert parsed_method is method and values["limit"] == 3 and str(values["data"]) == "data path/x"
     assert method.parse_params({k: v for k, v in values.items() if k in method.params_model.model_fields}) == changed
 
 
@@ -79,7 +87,7 @@ def test_deprecated_method_flag_and_errors(tmp_path: Path) -> None:
     assert "facts.jsonl:1: missing field 'target'" in done.stderr
     runner = CliRunner()
     unknown = runner.invoke(app, ["localize", "nope", "--data", str(data), "--out", out])
-    assert "available: ircan, kn, relation" in str(unknown.exception)
+    assert "available: concept, ircan, kn, relation" in str(unknown.exception)
     foreign = runner.invoke(app, ["localize", "kn", "--top-k", "3", "--data", str(data), "--out", out])
     assert foreign.exit_code != 0 and "No such option: --top-k" in foreign.output
     invalid = runner.invoke(app, ["localize", "kn", "--threshold", "7", "--data", str(data), "--out", out])
