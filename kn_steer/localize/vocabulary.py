@@ -11,6 +11,8 @@ positive factor per position that changes no ranking.
 
 * :func:`map_neurons` — each neuron's top and bottom tokens, layer by layer in chunks (a 262k
   vocabulary times 2,048 neurons is 2 GiB in float32 otherwise), timed.
+* :func:`null_space_writes` — how much of each neuron's write lands in the LM head's effective
+  null space (entropy neurons).
 * :func:`find_concept` — neurons whose direction singles out a word's tokens, ranked by the
   z-score of the word's logit among all tokens' logits. Means and variances over the vocabulary
   are exact and cheap from the LM head's mean row and Gram matrix, so every neuron is scored.
@@ -160,6 +162,22 @@ def find_concept(model: Any, tokenizer: Any, word: str, direction: str = "write"
     return found[:top]
 
 
+@torch.no_grad()
+def null_space_writes(model: Any, layer: int, null_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per neuron of ``layer``: (norm of its write direction in the LM head's space, the part of it in
+    the head's effective null space: the ``null_dims`` right-singular directions with the smallest
+    singular values). A neuron writing there changes the residual's norm, hence the final norm's
+    scale and the output's entropy, while barely moving any logit directly (Stolfo et al.)."""
+    head = lm_head(model)
+    hidden = head.shape[1]
+    if not 1 <= null_dims < hidden:
+        raise KnSteerError(f"null_dims must be between 1 and {hidden - 1}, got {null_dims}")
+    _, vectors = torch.linalg.eigh(head.T.double() @ head.double())  # ascending eigenvalues = singular values^2
+    null = vectors[:, :null_dims].float()  # [hidden, null_dims]
+    dirs = unembedding_directions(model, layer, "write")
+    return dirs.norm(dim=-1), (dirs @ null).norm(dim=-1)
+
+
 def logits_of(model: Any, neurons: Sequence[tuple[int, int]], direction: str = "write") -> torch.Tensor:
     """[n, vocab]: the full logit vector of each neuron's direction (for checks and plots)."""
     by_layer: dict[int, torch.Tensor] = {}
@@ -172,4 +190,4 @@ def logits_of(model: Any, neurons: Sequence[tuple[int, int]], direction: str = "
 
 
 __all__ = ["ConceptNeuron", "DIRECTIONS", "NeuronTokenMap", "VocabularyMap", "concept_token_ids", "find_concept",
-           "logits_of", "map_layer", "map_neurons", "unembedding_directions"]
+           "logits_of", "map_layer", "map_neurons", "null_space_writes", "unembedding_directions"]

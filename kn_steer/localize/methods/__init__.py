@@ -5,6 +5,7 @@ in :data:`METHODS`.
 * ``ircan`` (:mod:`.ircan`, per-example) — context-aware neurons, IRCAN
 * ``relation`` (:mod:`.relation`, corpus) — relation-specific neurons by average precision
 * ``concept`` (:mod:`.concept`, weights) — the neurons of a word through the LM head, Davies et al.
+* ``entropy`` (:mod:`.entropy`, weights) — entropy neurons writing into the LM head's null space, Stolfo et al.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from kn_steer.localize.methods.base import (
     WeightMethod,
 )
 from kn_steer.localize.methods.concept import CONCEPT
+from kn_steer.localize.methods.entropy import ENTROPY
 from kn_steer.localize.methods.ircan import IRCAN
 from kn_steer.localize.methods.kn import KN
 from kn_steer.localize.methods.relation import RELATION
 
-METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION, CONCEPT)}
+METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION, CONCEPT, ENTROPY)}
 
 
 def get_method(name: str) -> Method:

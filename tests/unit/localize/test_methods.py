@@ -36,9 +36,9 @@ from kn_steer.sets.format import NeuronSet, model_identity
 
 
 def test_registry_is_explicit_and_complete() -> None:
-    assert sorted(METHODS) == ["concept", "ircan", "kn", "relation"]
+    assert sorted(METHODS) == ["concept", "entropy", "ircan", "kn", "relation"]
     assert {m.kind for m in METHODS.values()} == {"example", "corpus", "weights"}
-    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, ircan, kn, relation"):
+    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, entropy, ircan, kn, relation"):
         get_method("nope")
 
 
@@ -133,10 +133,10 @@ CORPUS = RelationCorpus(
              "the official language of spain is", "the official language of brazil is",
              "kenya is located in the continent", "peru belongs to the continent of"],
     relations=["P36"] * 3 + ["P37"] * 2 + ["P30"] * 2, source="tiny")
-DATA_FOR = {"kn": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "concept": None}  # concept reads weights only
+DATA_FOR = {"kn": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "concept": None, "entropy": None}  # weights only
 PARAMS_FOR = {"kn": {"steps": 2}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
               "relation": {"relation": "P36", "count": 6, "batch_size": 3},
-              "concept": {"word": "paris", "top": 3, "max_rank": 40}}
+              "concept": {"word": "paris", "top": 3, "max_rank": 40}, "entropy": {"top": 3, "null_dims": 4}}
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -158,7 +158,10 @@ def test_every_method_runs_on_every_family(family: str, tmp_path: Path) -> None:
             assert len(loaded.neurons) == 6 and loaded.provenance.examples == len(CORPUS.prompts)
         elif method.kind == "weights":
             assert len(loaded.neurons) <= 3 and loaded.provenance.examples is None
-            assert loaded.metrics["word_tokens"] == ["paris"]
+            if name == "concept":
+                assert loaded.metrics["word_tokens"] == ["paris"]
+            else:
+                assert {n.layer for n in loaded.neurons} == {model.config.num_hidden_layers - 1}
         else:
             assert loaded.provenance.examples == len(DATA_FOR[name])
 

@@ -117,3 +117,45 @@ def test_concept_sets_come_from_localize_and_their_command_reproduces_them(tmp_p
     assert mapped.exit_code == 0, mapped.output
     rows = [json.loads(line) for line in (tmp_path / "map.jsonl").read_text().splitlines()]
     assert len(rows) == 1536 and rows[808]["top"][0][1] == "dog" and len(rows[808]["bottom"]) == 3
+
+
+def test_entropy_neurons_are_the_null_space_writers():
+    from kn_steer.localize.methods import Context, get_method
+    from kn_steer.localize.vocabulary import null_space_writes
+
+    model = _with_random_norms(build_tiny_model("llama"))
+    head = model.get_output_embeddings().weight
+    _, vectors = torch.linalg.eigh(head.T.double() @ head.double())
+    last, index = model.config.num_hidden_layers - 1, 21
+    down = model.model.layers[last].mlp.down_proj.weight
+    down.data[:, index] = (vectors[:, 0].float() * 3 / model.model.norm.weight.data)  # the least-read direction
+    norm, null = null_space_writes(model, last, 4)
+    assert float(null[index] / norm[index]) == pytest.approx(1.0, abs=1e-4)
+    method = get_method("entropy")
+    chosen = method.select(Context(model, None), method.parse_params({"top": 2, "null_dims": 4}))
+    assert (chosen.neurons[0].layer, chosen.neurons[0].index) == (last, index)
+    assert chosen.metrics["null_fraction"][0] == pytest.approx(1.0, abs=1e-3) and chosen.operation.value == 0.0
+    with pytest.raises(Exception, match="null_dims must be between 1 and 63"):
+        null_space_writes(model, last, 64)
+
+
+def test_entropy_protocol_mean_ablation_on_a_tiny_model():
+    from helpers.tokenizer import word_tokenizer
+    from kn_steer.eval.protocols import entropy
+    from kn_steer.models.sites import remove_hooks
+
+    model, tok = build_tiny_model("llama"), word_tokenizer()
+    texts = ["the capital of france is paris", "the official language of spain is spanish", "write a quote"]
+    means = entropy.mean_activations(model, tok, texts, [2])
+    seen = []
+    handles = hook_site(model, lambda layer, rows: seen.append(rows.float()) if layer == 2 else None)
+    try:
+        for text in texts:
+            model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+    finally:
+        remove_hooks(handles)
+    torch.testing.assert_close(means[2], torch.cat(seen).mean(0))
+    result = entropy.run(model, tok, texts, [(2, 5), (2, 9)], seeds=2, progress=False)
+    assert result["ablation"] == "mean" and len(result["matched"]) == 2
+    for row in [result["set"], *result["matched"]]:
+        assert row["abs_d_entropy"] >= abs(row["d_entropy"]) and 0 <= row["p_entropy"] <= 1
