@@ -14,12 +14,14 @@ serving path (vLLM with the plugin) or any other generator.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
 from kn_steer.eval.controls import matched_neurons, neuron_spec
 from kn_steer.models.families import ModelShape
+from kn_steer.sets.format import NeuronSet
 from kn_steer.stats import compare_binary
 
 Generate = Callable[[dict[str, Any] | None, Sequence[str], int], list[list[str]]]
@@ -76,4 +78,21 @@ def run(generate: Generate, neurons: Sequence[tuple[int, int]], shape: ModelShap
             "unsteered": base / n, "unsteered_count": base, "rows": rows, "examples": shown}
 
 
-__all__ = ["QUESTIONS", "mentions", "run"]
+def build_set(model: Any, tokenizer: Any, ref: Any, word: str, top: int, max_rank: int, value: float,
+              out: Path, *, name: str, description: str, metrics: dict[str, Any],
+              command_out: str | None = None) -> NeuronSet:
+    """The concept set, written by the library's ``concept`` method (``provenance.command``
+    recomputes it from the weights)."""
+    from kn_steer.localize.command import localize_command, model_argument
+    from kn_steer.localize.methods.concept import CONCEPT
+    from kn_steer.localize.runner import RunInfo, run_localization
+
+    params = CONCEPT.parse_params({"word": word, "top": top, "max_rank": max_rank, "value": value})
+    command = localize_command(CONCEPT.name, params, None, None, command_out or str(out), name=name,
+                               model=model_argument(ref))
+    return run_localization(CONCEPT, params, None, model, tokenizer, ref, out,
+                            RunInfo(name=name, description=description, command=command, metrics=metrics),
+                            progress=False)
+
+
+__all__ = ["QUESTIONS", "build_set", "mentions", "run"]
