@@ -31,6 +31,15 @@ def continuation_ids(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens a prompt starts with at inference (``<bos>`` where the model wants it,
+    nothing for SmolLM2): what comes before text assembled from continuation ids."""
+    full, text = prompt_ids(tokenizer, "a"), continuation_ids(tokenizer, "a")
+    if full[len(full) - len(text):] != text:
+        raise DataError("the tokenizer's special tokens are not a plain prefix of the text's ids")
+    return full[:len(full) - len(text)]
+
+
 def pad_id(tokenizer: Any) -> int:
     """The id used for padding (never attended to): the tokenizer's pad, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

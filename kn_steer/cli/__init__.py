@@ -17,6 +17,7 @@ _AREAS = (
     "kn_steer.cli.model",
     "kn_steer.cli.inspect",
     "kn_steer.cli.vocabulary",
+    "kn_steer.cli.analysis",
     "kn_steer.cli.localize",
     "kn_steer.cli.eval",
     "kn_steer.cli.serve",

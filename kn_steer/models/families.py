@@ -37,6 +37,9 @@ class FamilyAdapter:
     mlp_in_norm: str | None = None
     mlp_out_norm: str | None = None
     norm_offset: float = 0.0  # an RMSNorm's gain is ``offset + weight`` (Gemma stores the gain minus one)
+    # gated MLPs: the gate projection (transformers' path; vLLM fuses it with up). A neuron *fires* when
+    # its gate is open (gate(x) > 0, where SiLU and GELU turn positive); non-gated: when act(fc(x)) > 0
+    gate_proj: str | None = None
 
     def num_layers(self, config: Any) -> int:
         return int(_first_attr(config, ("num_hidden_layers", "n_layer", "num_layers")))
@@ -59,7 +62,7 @@ def _first_attr(obj: Any, names: tuple[str, ...], default: Any = ...) -> Any:
 
 
 _LLAMA_LIKE = dict(
-    gated=True, layers_path="model.layers", out_proj="mlp.down_proj", in_proj="mlp.up_proj",
+    gated=True, layers_path="model.layers", out_proj="mlp.down_proj", in_proj="mlp.up_proj", gate_proj="mlp.gate_proj",
     final_modules=("model.norm",), mlp_in_norm="post_attention_layernorm",
 )
 _GEMMA2_LIKE = {**_LLAMA_LIKE, "mlp_in_norm": "pre_feedforward_layernorm",

@@ -195,6 +195,35 @@ def hook_site(model: nn.Module, fn: SiteFn, site: str = MLP_NEURONS, layers: Seq
     return [m.register_forward_pre_hook(site_pre_hook(l, fn)) for l, m in wanted.items()]
 
 
+#: ``fn(layer, fires)``: ``fires`` is a boolean ``[rows, units]`` view (rows as for sites)
+FiringFn = Callable[[int, torch.Tensor], None]
+
+
+def hook_firing(model: nn.Module, fn: FiringFn, family: FamilyAdapter | None = None) -> list[Any]:
+    """Register ``fn`` to receive, per layer, which neurons *fire* on each token.
+
+    Gated MLPs (SiLU, GELU) have no exact zero, so a neuron fires when its gate is open: the gate
+    projection's output is positive, which is where SiLU and GELU turn positive (LAPE's definition,
+    Tang et al. 2024). The neuron's value ``act(gate) * up`` is not used: its sign also carries
+    ``up``'s. Non-gated MLPs fire where ``act(fc(x)) > 0``, the site itself."""
+    family = _family(model, family)
+    if not family.gated:
+        def on_site(layer: int, rows: torch.Tensor) -> None:
+            fn(layer, rows > 0)  # read only: never hand a replacement back
+
+        return hook_site(model, on_site, family=family)
+    if family.gate_proj is None:
+        raise ValueError(f"family {family.family!r} is gated but its table row names no gate projection")
+
+    def gate_hook(layer: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            fn(layer, canonical(out) > 0)
+        return hook
+
+    layers = decoder_layers(model, family)
+    return [get_path(layer, family.gate_proj).register_forward_hook(gate_hook(i)) for i, layer in enumerate(layers)]
+
+
 def remove_hooks(handles: Sequence[Any]) -> None:
     for handle in handles:
         handle.remove()

@@ -28,6 +28,7 @@ from kn_steer.localize import (
     run_localization,
 )
 from kn_steer.localize.methods import ircan, kn, relation
+from kn_steer.localize.methods.language import LanguageCorpus
 from kn_steer.models import ModelRef
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import NeuronSet, model_identity
@@ -36,9 +37,9 @@ from kn_steer.sets.format import NeuronSet, model_identity
 
 
 def test_registry_is_explicit_and_complete() -> None:
-    assert sorted(METHODS) == ["concept", "entropy", "ircan", "kn", "relation"]
+    assert sorted(METHODS) == ["concept", "entropy", "ircan", "kn", "language", "relation"]
     assert {m.kind for m in METHODS.values()} == {"example", "corpus", "weights"}
-    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, entropy, ircan, kn, relation"):
+    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, entropy, ircan, kn, language, relation"):
         get_method("nope")
 
 
@@ -133,10 +134,16 @@ CORPUS = RelationCorpus(
              "the official language of spain is", "the official language of brazil is",
              "kenya is located in the continent", "peru belongs to the continent of"],
     relations=["P36"] * 3 + ["P37"] * 2 + ["P30"] * 2, source="tiny")
-DATA_FOR = {"kn": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "concept": None, "entropy": None}  # weights only
+LANGUAGES = LanguageCorpus(  # two "languages" of disjoint words
+    prompts=["france italy japan spain", "peru germany greece brazil", "norway kenya paris rome",
+             "kings masters man serve", "penny wise pound foolish", "two no answer question"],
+    languages=["aa", "aa", "aa", "bb", "bb", "bb"])
+DATA_FOR = {"kn": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES,
+            "concept": None, "entropy": None}  # weights only
 PARAMS_FOR = {"kn": {"steps": 2}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
               "relation": {"relation": "P36", "count": 6, "batch_size": 3},
-              "concept": {"word": "paris", "top": 3, "max_rank": 40}, "entropy": {"top": 3, "null_dims": 4}}
+              "concept": {"word": "paris", "top": 3, "max_rank": 40}, "entropy": {"top": 3, "null_dims": 4},
+              "language": {"language": "aa", "filter_quantile": 0.5, "entropy_fraction": 0.3, "batch_size": 4}}
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -154,7 +161,10 @@ def test_every_method_runs_on_every_family(family: str, tmp_path: Path) -> None:
         loaded.check_model(identity)
         assert loaded.neurons and len(loaded.neurons) == len(written.neurons)
         assert method.params_model.model_validate(loaded.method.params) == params
-        if isinstance(method, CorpusMethod):
+        if name == "language":
+            assert loaded.metrics["per_language"]["aa"] == len(loaded.neurons)
+            assert loaded.provenance.examples == len(LANGUAGES.prompts)
+        elif isinstance(method, CorpusMethod):
             assert len(loaded.neurons) == 6 and loaded.provenance.examples == len(CORPUS.prompts)
         elif method.kind == "weights":
             assert len(loaded.neurons) <= 3 and loaded.provenance.examples is None
