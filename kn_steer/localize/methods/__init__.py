@@ -6,6 +6,7 @@ in :data:`METHODS`.
 * ``relation`` (:mod:`.relation`, corpus) — relation-specific neurons by average precision
 * ``concept`` (:mod:`.concept`, weights) — the neurons of a word through the LM head, Davies et al.
 * ``entropy`` (:mod:`.entropy`, weights) — entropy neurons writing into the LM head's null space, Stolfo et al.
+* ``dead``, ``token`` (:mod:`.firing`, corpus) — never-firing neurons and token detectors, Voita et al.
 * ``language`` (:mod:`.language`, corpus) — language-specific neurons by activation-probability entropy, LAPE
 """
 
@@ -25,12 +26,13 @@ from kn_steer.localize.methods.base import (
 )
 from kn_steer.localize.methods.concept import CONCEPT
 from kn_steer.localize.methods.entropy import ENTROPY
+from kn_steer.localize.methods.firing import DEAD, TOKEN
 from kn_steer.localize.methods.ircan import IRCAN
 from kn_steer.localize.methods.kn import KN
 from kn_steer.localize.methods.language import LANGUAGE
 from kn_steer.localize.methods.relation import RELATION
 
-METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION, CONCEPT, ENTROPY, LANGUAGE)}
+METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION, LANGUAGE, DEAD, TOKEN, CONCEPT, ENTROPY)}
 
 
 def get_method(name: str) -> Method:

@@ -28,6 +28,7 @@ from kn_steer.localize import (
     run_localization,
 )
 from kn_steer.localize.methods import ircan, kn, relation
+from kn_steer.localize.methods.firing import TextCorpus
 from kn_steer.localize.methods.language import LanguageCorpus
 from kn_steer.models import ModelRef
 from kn_steer.models.families import ModelShape
@@ -37,9 +38,9 @@ from kn_steer.sets.format import NeuronSet, model_identity
 
 
 def test_registry_is_explicit_and_complete() -> None:
-    assert sorted(METHODS) == ["concept", "entropy", "ircan", "kn", "language", "relation"]
+    assert sorted(METHODS) == ["concept", "dead", "entropy", "ircan", "kn", "language", "relation", "token"]
     assert {m.kind for m in METHODS.values()} == {"example", "corpus", "weights"}
-    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, entropy, ircan, kn, language, relation"):
+    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, dead, entropy, ircan, kn, language, relation, token"):
         get_method("nope")
 
 
@@ -138,12 +139,14 @@ LANGUAGES = LanguageCorpus(  # two "languages" of disjoint words
     prompts=["france italy japan spain", "peru germany greece brazil", "norway kenya paris rome",
              "kings masters man serve", "penny wise pound foolish", "two no answer question"],
     languages=["aa", "aa", "aa", "bb", "bb", "bb"])
-DATA_FOR = {"kn": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES,
+TEXTS = TextCorpus(prompts=["the capital of france is paris", "paris is a city", "the city of rome", "write a quote"])
+DATA_FOR = {"kn": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES, "token": TEXTS, "dead": TEXTS,
             "concept": None, "entropy": None}  # weights only
 PARAMS_FOR = {"kn": {"steps": 2}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
               "relation": {"relation": "P36", "count": 6, "batch_size": 3},
               "concept": {"word": "paris", "top": 3, "max_rank": 40}, "entropy": {"top": 3, "null_dims": 4},
-              "language": {"language": "aa", "filter_quantile": 0.5, "entropy_fraction": 0.3, "batch_size": 4}}
+              "language": {"language": "aa", "filter_quantile": 0.5, "entropy_fraction": 0.3, "batch_size": 4},
+              "token": {"token": "paris", "top": 4, "min_fires": 1}, "dead": {}}
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -155,13 +158,26 @@ def test_every_method_runs_on_every_family(family: str, tmp_path: Path) -> None:
     for name, method in METHODS.items():
         params = method.parse_params(PARAMS_FOR[name])
         out = tmp_path / f"{name}.json"
+        if name == "dead":  # a random gated model has no dead neuron: the run says so (planted: test_firing_methods)
+            try:
+                found = run_localization(method, params, TEXTS, model, tok, ref, out, RunInfo(name="d"), progress=False)
+            except KnSteerError as exc:
+                assert "no neuron is dead over these 17 tokens" in str(exc)
+            else:
+                shape = ModelShape.from_config(model.config)
+                assert found.metrics["dead_share"] == len(found.neurons) / (shape.num_layers * shape.intermediate_size)
+            continue
         written = run_localization(method, params, DATA_FOR[name], model, tok, ref, out,
                                    RunInfo(name=f"{family}-{name}"), progress=False)
         loaded = NeuronSet.load(out)
         loaded.check_model(identity)
         assert loaded.neurons and len(loaded.neurons) == len(written.neurons)
         assert method.params_model.model_validate(loaded.method.params) == params
-        if name == "language":
+        if name in ("dead", "token"):
+            assert loaded.provenance.examples == len(TEXTS.prompts)
+            if name == "token":
+                assert loaded.metrics["occurrences"] == 2 and len(loaded.neurons) <= 4
+        elif name == "language":
             assert loaded.metrics["per_language"]["aa"] == len(loaded.neurons)
             assert loaded.provenance.examples == len(LANGUAGES.prompts)
         elif isinstance(method, CorpusMethod):
