@@ -6,9 +6,9 @@ held-out sentences of every evaluated language, against matched random neurons),
     python benchmarks/repro_language.py                           # both models
     python benchmarks/repro_language.py --models gemma3-270m --ship gemma3-270m:fr,de
 
-Results go to repro-results/language.json (+ .png per model) unless --out says otherwise; sets are
-written only with --ship MODEL:LANG,LANG (neuron_sets/<model>-language-<lang>.json), and only for
-a language whose set passes :func:`specific`.
+Results go to repro-results/language.json (+ .png per model) unless --out says otherwise, rewritten
+after each model; sets are written only with --ship MODEL:LANG,LANG
+(neuron_sets/<model>-language-<lang>.json), and only for a language whose set passes :func:`specific`.
 """
 
 from __future__ import annotations
@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     folder = args.data or data_dir() / "pud"
     ships = {m: langs.split(",") for m, langs in (s.split(":", 1) for s in args.ship)}
     evaluated = args.eval_languages.split(",")
-    models = []
+    models: list[dict[str, Any]] = []
+    command = "python benchmarks/repro_language.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def summary(done: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"benchmark": "language-neurons", "data": display_path(folder), "models": done, "command": command}
+
     for name in args.models.split(","):
         ref = resolve_model(name)
         model, tokenizer = load_hf_model(ref)
@@ -128,9 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if [(n.layer, n.index) for n in ns.neurons] != [(a, b) for a, b, _ in sets[lang]]:
                 raise SystemExit(f"{target}: the method's set differs from the evaluated neurons")
             log(f"wrote {target}")
+        atomic_write_json(out, summary(models))  # a finished model is never lost to a later one's failure
         del model
-    result = {"benchmark": "language-neurons", "data": display_path(folder), "models": models,
-              "command": "python benchmarks/repro_language.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result = summary(models)
     atomic_write_json(out, result)
     for m in models:
         s = m["protocol"]["summary"]

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = output_path(args, "language_steering")
     from kn_steer.data.parallel import load_parallel
     from kn_steer.eval.protocols import language_steering
-    from kn_steer.eval.protocols.entropy import mean_activations
+    from kn_steer.localize.recorder import mean_activations
     from kn_steer.models import load_hf_model, resolve_model
     from kn_steer.models.families import ModelShape
 

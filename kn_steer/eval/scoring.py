@@ -207,20 +207,23 @@ def _score_rows(model: torch.nn.Module, pad: int, rows: Sequence[_Row], compiled
         batch = [rows[i] for i in chunk]
         packed = _pack(batch, pad, param.dtype, param.device)
         total = packed.input_ids.shape[1]
-        first = packed.prompt_width - 1  # logits needed from the last prompt column on
-        kwargs: dict[str, Any] = {}
-        if keep_arg:
-            kwargs["logits_to_keep"] = torch.arange(first, total, device=param.device)
+        first = packed.prompt_width - 1  # every choice's first token is predicted from here
+        # a choice token at column s is predicted from the last prompt column, the rest from c - 1:
+        # only those columns go through the LM head (single-token choices need the first alone)
+        sources = [[[first] + list(range(s, e - 1)) for s, e in segments] for segments in packed.segments]
+        needed = sorted({c for row in sources for cols in row for c in cols})
+        where = {c: k for k, c in enumerate(needed)}
+        columns = torch.tensor(needed, device=param.device)
+        kwargs: dict[str, Any] = {"logits_to_keep": columns} if keep_arg else {}
         with steer(model, compiled, prompt_length=total):
             out = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
                         attention_mask=packed.mask, use_cache=False, **kwargs)
-        logits = out.logits if keep_arg else out.logits[:, first:]
-        logp = torch.log_softmax(logits.float(), dim=-1)  # column c -> index c - first
+        logits = out.logits if keep_arg else out.logits[:, columns]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # column c -> index where[c]
         for r, (idx, (_, choices)) in enumerate(zip(chunk, batch)):
             totals = []
-            for (s, e), choice in zip(packed.segments[r], choices):
-                # token at column s is predicted from the last prompt column, the rest from c - 1
-                src = torch.tensor([first] + list(range(s, e - 1)), device=param.device) - first
+            for cols, choice in zip(sources[r], choices):
+                src = torch.tensor([where[c] for c in cols], device=param.device)
                 totals.append(float(logp[r, src, torch.tensor(choice, device=param.device)].sum()))
             results[idx] = tuple(totals)
         if bar is not None:

@@ -1,4 +1,5 @@
-"""Reading activations back: every neuron's activation at each prompt's last token, batched.
+"""Reading activations back: every neuron's activation at each prompt's last token, batched, and
+every neuron's mean activation over whole texts.
 
 Prompts are tokenized as at inference (:func:`kn_steer.tokens.prompt_ids`) and left-padded with
 position ids that skip the padding, so padding changes nothing and every prompt's last token sits
@@ -100,3 +101,27 @@ def last_token_activations(
     finally:
         remove_hooks(handles)
     return out.reshape(len(prompts), -1)
+
+
+@torch.no_grad()
+def mean_activations(model: Any, tokenizer: Any, texts: Sequence[str], layers: Sequence[int],
+                     max_tokens: int = 64) -> dict[int, torch.Tensor]:
+    """Per layer, every neuron's mean activation over all tokens of ``texts`` (one text per forward:
+    no padding to mask)."""
+    sums = {layer: None for layer in layers}
+    count = 0
+
+    def record(layer: int, rows: torch.Tensor) -> None:
+        total = rows.float().sum(0)
+        sums[layer] = total if sums[layer] is None else sums[layer] + total
+
+    handles = hook_site(model, record, layers=list(layers))
+    try:
+        device = next(model.parameters()).device
+        for text in texts:
+            ids = prompt_ids(tokenizer, text)[:max_tokens]
+            model(input_ids=torch.tensor([ids], device=device))
+            count += len(ids)
+    finally:
+        remove_hooks(handles)
+    return {layer: total / count for layer, total in sums.items()}

@@ -20,12 +20,11 @@ from tqdm.auto import tqdm
 
 from kn_steer.eval.controls import compiled_for, matched_neurons
 from kn_steer.eval.perplexity import text_token_stats
+from kn_steer.localize.recorder import mean_activations
 from kn_steer.models.families import ModelShape
-from kn_steer.models.sites import hook_site, remove_hooks
 from kn_steer.stats import compare_paired_signed_rank
 from kn_steer.steering.compile import compile_spec
 from kn_steer.steering.limits import UNLIMITED
-from kn_steer.tokens import prompt_ids
 
 
 def _per_text(stats: list[tuple[float, float, int]]) -> tuple[list[float], list[float]]:
@@ -42,30 +41,6 @@ def _change(entropy: list[float], loss: list[float], base_h: list[float], base_l
             "abs_d_entropy": abs_h, "abs_d_loss": abs_l, "ratio": abs_h / abs_l if abs_l > 0 else None,
             "p_entropy": compare_paired_signed_rank(list(zip(entropy, base_h))).p_value,
             "p_loss": compare_paired_signed_rank(list(zip(loss, base_l))).p_value}
-
-
-@torch.no_grad()
-def mean_activations(model: Any, tokenizer: Any, texts: Sequence[str], layers: Sequence[int],
-                     max_tokens: int = 64) -> dict[int, torch.Tensor]:
-    """Per layer, every neuron's mean activation over all tokens of ``texts`` (one text per forward:
-    no padding to mask)."""
-    sums = {layer: None for layer in layers}
-    count = 0
-
-    def record(layer: int, rows: torch.Tensor) -> None:
-        total = rows.float().sum(0)
-        sums[layer] = total if sums[layer] is None else sums[layer] + total
-
-    handles = hook_site(model, record, layers=list(layers))
-    try:
-        device = next(model.parameters()).device
-        for text in texts:
-            ids = prompt_ids(tokenizer, text)[:max_tokens]
-            model(input_ids=torch.tensor([ids], device=device))
-            count += len(ids)
-    finally:
-        remove_hooks(handles)
-    return {layer: total / count for layer, total in sums.items()}
 
 
 def ablation(neurons: Sequence[tuple[int, int]], shape: ModelShape, means: dict[int, torch.Tensor] | None):

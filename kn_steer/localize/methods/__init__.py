@@ -8,6 +8,7 @@ in :data:`METHODS`.
 * ``entropy`` (:mod:`.entropy`, weights) — entropy neurons writing into the LM head's null space, Stolfo et al.
 * ``dead``, ``token`` (:mod:`.firing`, corpus) — never-firing neurons and token detectors, Voita et al.
 * ``language`` (:mod:`.language`, corpus) — language-specific neurons by activation-probability entropy, LAPE
+* ``emotion`` (:mod:`.emotion`, corpus) — neurons tracking a rated attribute of emotion concepts, Li et al.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kn_steer.localize.methods.base import (
     WeightMethod,
 )
 from kn_steer.localize.methods.concept import CONCEPT
+from kn_steer.localize.methods.emotion import EMOTION
 from kn_steer.localize.methods.entropy import ENTROPY
 from kn_steer.localize.methods.firing import DEAD, TOKEN
 from kn_steer.localize.methods.ircan import IRCAN
@@ -32,7 +34,7 @@ from kn_steer.localize.methods.kn import KN
 from kn_steer.localize.methods.language import LANGUAGE
 from kn_steer.localize.methods.relation import RELATION
 
-METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION, LANGUAGE, DEAD, TOKEN, CONCEPT, ENTROPY)}
+METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION, LANGUAGE, EMOTION, DEAD, TOKEN, CONCEPT, ENTROPY)}
 
 
 def get_method(name: str) -> Method:

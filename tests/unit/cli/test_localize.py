@@ -47,7 +47,7 @@ def test_help_shows_only_the_methods_own_options() -> None:
 def test_recorded_command_parses_back_to_the_same_parameters(name: str) -> None:
     method = METHODS[name]
     required = {"relation": {"relation": "P36"}, "concept": {"word": "dog"}, "language": {"language": "fr"},
-                "token": {"token": "the"}}  # entropy, dead: all defaults
+                "token": {"token": "the"}, "emotion": {"attribute": "valence"}}  # entropy, dead: all defaults
     params = method.parse_params(required.get(name, {}))
     fields = method.params_model.model_fields
     changed = params.model_copy(update={"count": 7} if "count" in fields else {"top": 4} if "top" in fields
@@ -88,7 +88,7 @@ def test_deprecated_method_flag_and_errors(tmp_path: Path) -> None:
     assert "facts.jsonl:1: missing field 'target'" in done.stderr
     runner = CliRunner()
     unknown = runner.invoke(app, ["localize", "nope", "--data", str(data), "--out", out])
-    assert "available: concept, dead, entropy, ircan, kn, language, relation, token" in str(unknown.exception)
+    assert "available: concept, dead, emotion, entropy, ircan, kn, language, relation, token" in str(unknown.exception)
     foreign = runner.invoke(app, ["localize", "kn", "--top-k", "3", "--data", str(data), "--out", out])
     assert foreign.exit_code != 0 and "No such option: --top-k" in foreign.output
     invalid = runner.invoke(app, ["localize", "kn", "--threshold", "7", "--data", str(data), "--out", out])

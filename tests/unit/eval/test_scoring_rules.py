@@ -103,3 +103,36 @@ def test_cache_shared_by_processes_keeps_every_line(tmp_path: Path) -> None:
     reopened = ResultCache(path)
     assert len(reopened) == 120
     assert all(reopened.get(f"{t}-{i}")["tag"] == t for t in ("a", "b") for i in range(60))
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_packed_scoring_equals_separate_forwards_on_a_tiny_model(bos: bool) -> None:
+    """Choices of one to four tokens, prompts of different lengths, several batch sizes: only the
+    columns that predict a choice token go through the LM head, and the totals still equal one
+    forward per (prompt, choice)."""
+    import torch
+    from helpers.tiny import build_tiny_model
+    from helpers.tokenizer import word_tokenizer
+
+    from kn_steer.data.common import NEUTRAL_PROMPT, ChoiceItem
+    from kn_steer.eval.scoring import encode_items, score_hf
+    from kn_steer.tokens import continuation_ids, prompt_ids
+
+    model, tok = build_tiny_model("llama", seed=2), word_tokenizer(bos=bos)
+    prompts = ["the capital of france is", "kings", "write a quote that ends in the word"]
+    choices = (" paris", " the city", " no", " penny wise pound foolish")
+    items = [ChoiceItem(id=f"i{k}", prompt=p, choices=choices, faithful=0, trap=1, context="", question_prompt=p)
+             for k, p in enumerate(prompts)]
+
+    def separate(prompt: str, choice: str) -> float:
+        head, tail = prompt_ids(tok, prompt), continuation_ids(tok, choice)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([head + tail])).logits[0].float(), -1)
+        return sum(float(logp[len(head) - 1 + k, t]) for k, t in enumerate(tail))
+
+    encoded = encode_items(tok, items)
+    assert sorted({len(c) for c in encoded[0].choice_ids}) == [1, 2, 4]
+    for batch_size in (1, 2, 3):
+        for item, score in zip(items, score_hf(model, tok, encoded, batch_size=batch_size)):
+            assert score.logprobs == pytest.approx([separate(item.prompt, c) for c in choices], abs=1e-4)
+            assert score.neutral == pytest.approx([separate(NEUTRAL_PROMPT, c) for c in choices], abs=1e-4)

@@ -29,6 +29,7 @@ from kn_steer.localize import (
 )
 from kn_steer.localize.methods import ircan, kn, relation
 from kn_steer.localize.methods.firing import TextCorpus
+from kn_steer.localize.methods.emotion import EmotionCorpus
 from kn_steer.localize.methods.language import LanguageCorpus
 from kn_steer.models import ModelRef
 from kn_steer.models.families import ModelShape
@@ -38,9 +39,9 @@ from kn_steer.sets.format import NeuronSet, model_identity
 
 
 def test_registry_is_explicit_and_complete() -> None:
-    assert sorted(METHODS) == ["concept", "dead", "entropy", "ircan", "kn", "language", "relation", "token"]
+    assert sorted(METHODS) == ["concept", "dead", "emotion", "entropy", "ircan", "kn", "language", "relation", "token"]
     assert {m.kind for m in METHODS.values()} == {"example", "corpus", "weights"}
-    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, dead, entropy, ircan, kn, language, relation, token"):
+    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, dead, emotion, entropy, ircan, kn, language, relation, token"):
         get_method("nope")
 
 
@@ -140,13 +141,19 @@ LANGUAGES = LanguageCorpus(  # two "languages" of disjoint words
              "kings masters man serve", "penny wise pound foolish", "two no answer question"],
     languages=["aa", "aa", "aa", "bb", "bb", "bb"])
 TEXTS = TextCorpus(prompts=["the capital of france is paris", "paris is a city", "the city of rome", "write a quote"])
+EMOTIONS = EmotionCorpus(  # three "emotions" (words), two templates each, two rated attributes
+    prompts=["the capital of france", "a city of france", "the capital of italy", "a city of italy",
+             "the capital of japan", "a city of japan"],
+    emotion_of_prompt=[0, 0, 1, 1, 2, 2], emotions=["france", "italy", "japan"], attributes=["warm", "cold"],
+    ratings=[[0.1, 0.9], [0.5, 0.4], [0.9, 0.0]])
 DATA_FOR = {"kn": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES, "token": TEXTS, "dead": TEXTS,
-            "concept": None, "entropy": None}  # weights only
+            "emotion": EMOTIONS, "concept": None, "entropy": None}  # weights only
 PARAMS_FOR = {"kn": {"steps": 2}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
               "relation": {"relation": "P36", "count": 6, "batch_size": 3},
               "concept": {"word": "paris", "top": 3, "max_rank": 40}, "entropy": {"top": 3, "null_dims": 4},
               "language": {"language": "aa", "filter_quantile": 0.5, "entropy_fraction": 0.3, "batch_size": 4},
-              "token": {"token": "paris", "top": 4, "min_fires": 1}, "dead": {}}
+              "token": {"token": "paris", "top": 4, "min_fires": 1}, "dead": {},
+              "emotion": {"attribute": "warm", "fraction": 0.02, "permutations": 3, "batch_size": 4}}
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -177,6 +184,11 @@ def test_every_method_runs_on_every_family(family: str, tmp_path: Path) -> None:
             assert loaded.provenance.examples == len(TEXTS.prompts)
             if name == "token":
                 assert loaded.metrics["occurrences"] == 2 and len(loaded.neurons) <= 4
+        elif name == "emotion":
+            shape = ModelShape.from_config(model.config)
+            assert len(loaded.neurons) == round(0.02 * shape.num_layers * shape.intermediate_size)
+            assert loaded.metrics["attribute"] == "warm"
+            assert loaded.provenance.examples == len(EMOTIONS.prompts) and len(loaded.metrics["chance_above_bar"]) == 3
         elif name == "language":
             assert loaded.metrics["per_language"]["aa"] == len(loaded.neurons)
             assert loaded.provenance.examples == len(LANGUAGES.prompts)

@@ -142,11 +142,12 @@ def test_entropy_neurons_are_the_null_space_writers():
 def test_entropy_protocol_mean_ablation_on_a_tiny_model():
     from helpers.tokenizer import word_tokenizer
     from kn_steer.eval.protocols import entropy
+    from kn_steer.localize.recorder import mean_activations
     from kn_steer.models.sites import remove_hooks
 
     model, tok = build_tiny_model("llama"), word_tokenizer()
     texts = ["the capital of france is paris", "the official language of spain is spanish", "write a quote"]
-    means = entropy.mean_activations(model, tok, texts, [2])
+    means = mean_activations(model, tok, texts, [2])
     seen = []
     handles = hook_site(model, lambda layer, rows: seen.append(rows.float()) if layer == 2 else None)
     try:
