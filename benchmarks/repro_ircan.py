@@ -5,6 +5,7 @@ unsteered and random controls, under three scoring rules).
     python benchmarks/repro_ircan.py --dataset memotrap            # ../shared/data/memotrap
     python benchmarks/repro_ircan.py --dev my_dev.json --test my_test.json   # any file in a supported schema
     python benchmarks/repro_ircan.py --dataset memotrap --ship              # also write the set
+    python benchmarks/repro_ircan.py --dataset memotrap --retest R.json --seeds 5   # R's sets, new controls
 
 Results go to repro-results/ircan-<name>.json (+ .png) unless --out says otherwise; a published
 result in benchmarks/results/ is only replaced with --force; a set is only written with --ship.
@@ -14,6 +15,7 @@ Everything is cached ($KN_STEER_CACHE): an interrupted run resumes, a finished o
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from kn_steer.eval.cache import default_cache
 from kn_steer.eval.protocols import ircan
 from kn_steer.eval.scoring import LENGTH_GROUPS, RULES
 from kn_steer.fileio import atomic_savefig, atomic_write_json
+from kn_steer.sets.format import NeuronSet
 
 PRESETS = {"memotrap": ("memotrap/dev.jsonl", "memotrap/test.jsonl"), "kre": ("kre/cose_dev.json", "kre/cose_test.json")}
 
@@ -208,6 +211,17 @@ def description(name: str, result: dict[str, Any], rule: str) -> str:
                       for grp in LENGTH_GROUPS if base[grp]["n"]) + ". " + verdict(test))
 
 
+def refresh_set(path: Path, text: str, metrics: dict[str, Any]) -> NeuronSet:
+    """The shipped set at ``path`` with a new description and test metrics (its neurons, method and
+    provenance, and the localization's own metrics, are kept)."""
+    old = NeuronSet.load(path)
+    kept = {k: v for k, v in old.metrics.items() if not k.startswith("test_")}
+    ns = old.model_copy(update={"description": text, "metrics": {**kept, **metrics}})
+    NeuronSet.model_validate(ns.model_dump())
+    ns.save(path)
+    return ns
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
@@ -216,6 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ship", nargs="?", const="", default=None, metavar="PATH",
                    help="write the set (default neuron_sets/<model>-context-<name>.json)")
     p.add_argument("--ship-rule", choices=RULES, default="total", help="the rule whose chosen cell is shipped")
+    p.add_argument("--retest", type=Path, metavar="RESULT",
+                   help="keep RESULT's localization and grid (a result of this script on the same data and model) "
+                        "and score its sets on test again under --controls/--seeds; with --ship, the shipped set "
+                        "(its neurons must be RESULT's) gets the new description and metrics")
     args = p.parse_args(argv)
     setup_threads(args.threads)
     data, config = dataset_of(args), config_of(args)
@@ -223,9 +241,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"--ship-rule {args.ship_rule} needs random controls: add it to --control-rules")
     out = output_path(args, f"ircan-{data.name}")
     ev = HFEvaluator(args.model, batch_size=config.batch_size, cache=default_cache("ircan"))
-    log(f"IRCAN on {data.name}: localize {config.loc_n} dev items, grid, test")
-    result = ircan.run(ev, data, config)
-    result["command"] = "python benchmarks/repro_ircan.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/repro_ircan.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.retest is not None:
+        log(f"IRCAN on {data.name}: the sets of {args.retest} on test again ({config.seeds} seeds)")
+        source = json.loads(args.retest.read_text(encoding="utf-8"))
+        result = ircan.retest(ev, source, data, config)
+        result["retested_from"] = {"command": source.get("command"), "config": source["config"]}
+        config = ircan.IRCANConfig(**result["config"])
+    else:
+        log(f"IRCAN on {data.name}: localize {config.loc_n} dev items, grid, test")
+        result = ircan.run(ev, data, config)
+    result["command"] = command
     atomic_write_json(out, result)
     plot(result, args.ship_rule, out.with_suffix(".png"))
     print_table(result)
@@ -237,9 +263,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics = {"split": data.describe(config)["test_split"], "chosen_by": args.ship_rule,
                    **{f"test_{r}": ircan.headline(test, r) for r in RULES},
                    "results": display_path(out), "protocol_command": result["command"]}
-        ns = ircan.build_set(ev, data, config, cell["h"], cell["beta"], target, name=target.stem,
-                             description=description(data.name, result, args.ship_rule), metrics=metrics,
-                             command_data=display_path(data.dev), command_out=display_path(target))
+        text = description(data.name, result, args.ship_rule)
+        if args.retest is not None:
+            ns = refresh_set(target, text, metrics)
+        else:
+            ns = ircan.build_set(ev, data, config, cell["h"], cell["beta"], target, name=target.stem,
+                                 description=text, metrics=metrics,
+                                 command_data=display_path(data.dev), command_out=display_path(target))
         if [[x.layer, x.index] for x in ns.neurons] != test["neurons"]:
             raise SystemExit(f"{target}: the ircan method's set differs from the neurons the protocol evaluated")
         log(f"wrote {target} (the same {len(ns.neurons)} neurons the protocol evaluated)")

@@ -26,8 +26,9 @@ FACTS = {
 def write_pararel(folder: Path, facts: dict = FACTS) -> Path:
     (folder / "patterns").mkdir(parents=True, exist_ok=True)
     (folder / "facts").mkdir(exist_ok=True)
-    for rel, (pattern, pairs) in facts.items():
-        (folder / "patterns" / f"{rel}.jsonl").write_text(json.dumps({"pattern": pattern}) + "\n")
+    for rel, (pattern, pairs) in facts.items():  # one pattern, or a list of paraphrased patterns
+        patterns = pattern if isinstance(pattern, list) else [pattern]
+        (folder / "patterns" / f"{rel}.jsonl").write_text("".join(json.dumps({"pattern": p}) + "\n" for p in patterns))
         (folder / "facts" / f"{rel}.jsonl").write_text(
             "".join(json.dumps({"sub_label": s, "obj_label": o, "uuid": f"{rel}-{s}"}) + "\n" for s, o in pairs))
     return folder

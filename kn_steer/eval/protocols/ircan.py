@@ -12,8 +12,10 @@
    count and beta, drawn with the set's per-layer counts (``matched``) and uniformly, over
    ``seeds`` seeds, each with its own tests against unsteered and against the set.
 
-:func:`transfer` scores a set chosen on one dataset on another dataset's test split, and
-:func:`run_combined` localizes one set over several datasets' dev splits.
+:func:`transfer` scores a set chosen on one dataset on another dataset's test split,
+:func:`retest` scores a finished run's sets on its own test split again under other controls (more
+seeds) without localizing again, and :func:`run_combined` localizes one set over several datasets'
+dev splits.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from kn_steer.data import ChoiceItem, content_sha256, load_items
-from kn_steer.eval.api import HFEvaluator, compare_conditions, make_spec
+from kn_steer.errors import KnSteerError
+from kn_steer.eval.api import HFEvaluator, compare_conditions, make_spec, spec_json
 from kn_steer.eval.cache import cache_key
 from kn_steer.eval.controls import CONTROL_KINDS, layer_counts, neuron_spec
 from kn_steer.eval.scoring import RULES, EncodedItem, ItemScore
@@ -214,6 +217,52 @@ def transfer(ev: HFEvaluator, source: dict[str, Any], rule: str, target: ChoiceD
             "beta": cell["beta"], **result}
 
 
+def _tied(score: ItemScore, rule: str, tolerance: float = 1e-6) -> bool:
+    """The rule's best score is shared by two choices (e.g. a COSE_KRE item listing one answer
+    twice): which of them wins is decided by rounding, or by order."""
+    values = sorted(score.scores(rule), reverse=True)
+    return len(values) > 1 and values[0] - values[1] <= tolerance
+
+
+def retest(ev: HFEvaluator, source: dict[str, Any], data: ChoiceData, config: IRCANConfig) -> dict[str, Any]:
+    """``source`` (a :func:`run` result on ``data``) with every tested cell scored again under
+    ``config``'s controls and seeds; localization and grid are kept as they were. The data files
+    and the model must be the ones ``source`` used, and the unsteered and set conditions must give
+    the result's per-item answers again (they do not depend on the controls), except on items
+    whose best choices tie (listed under ``retest.changed_ties``): anything else is an error."""
+    if source.get("protocol") != "ircan":
+        raise KnSteerError("retest needs a result of the ircan protocol")
+    if source["model_fingerprint"] != ev.ref.fingerprint:
+        raise KnSteerError(f"the result was computed on model {source['model']} ({source['model_fingerprint']}), "
+                           f"not on {ev.ref.name} ({ev.ref.fingerprint})")
+    same = IRCANConfig(**{**source["config"], "seeds": config.seeds, "controls": config.controls,
+                          "control_rules": config.control_rules})
+    described = data.describe(same)
+    for key in ("dev_sha256", "test_sha256", "test_split"):
+        if described[key] != source["dataset"][key]:
+            raise KnSteerError(f"{key} differs from the result's: {described[key]} vs {source['dataset'][key]}")
+    _, _, test_items = data.splits(same)
+    encoded = ev.encode(test_items)
+    control_cells = {r["result_of"] for rule, r in source["chosen_by_rule"].items() if rule in same.control_rules}
+    tests: dict[str, Any] = {}
+    changed: dict[str, dict[str, list[str]]] = {}
+    for key, old in source["test"].items():
+        neurons = [tuple(p) for p in old["neurons"]]
+        new = score_on_test(ev, encoded, neurons, old["beta"], same, controls=key in control_cells)
+        for cond, spec in (("unsteered", None), ("set", _scale(neurons, old["beta"]))):
+            moved = {o["id"] for o, n in zip(old["items"][cond], new["items"][cond]) if o != n}
+            if not moved:
+                continue
+            scores = ev.score(encoded, spec_json(make_spec(spec)))  # cached by score_on_test
+            tied = {s.id for s in scores if any(_tied(s, r) for r in rules_of(scores))}
+            if moved - tied:
+                raise KnSteerError(f"{key}: the {cond} condition does not reproduce the result's per-item answers "
+                                   f"(items {', '.join(sorted(moved - tied)[:5])} changed without a tie)")
+            changed.setdefault(key, {})[cond] = sorted(moved)
+        tests[key] = new
+    return {**source, "config": same.model_dump(), "test": tests, "retest": {"changed_ties": changed}}
+
+
 def run_combined(ev: HFEvaluator, datasets: Sequence[ChoiceData], config: IRCANConfig,
                  rules: Sequence[str] = RULES, progress: bool = True, checkpoints: Path | None = None) -> dict[str, Any]:
     """One set localized over every dataset's localization split (the union of their per-example
@@ -265,4 +314,4 @@ def build_set(ev: HFEvaluator, data: ChoiceData, config: IRCANConfig, h: int, be
 
 
 __all__ = ["ChoiceData", "IRCANConfig", "build_set", "grid", "headline", "localize", "localization_checkpoint",
-           "ranked_neurons", "run", "run_combined", "score_on_test", "transfer"]
+           "ranked_neurons", "retest", "run", "run_combined", "score_on_test", "transfer"]

@@ -72,10 +72,14 @@ class KnowledgeProtocol(FolderProtocol):
         return score_prompts(self.model, self.tokenizer, example.prompts, [example.target] * len(example.prompts),
                              compiled).prob.tolist()
 
+    def candidates(self) -> list[KNExample]:
+        """The facts to screen, each with ``meta.relation`` (PARAREL here; other fact sources override)."""
+        cfg = self.config
+        return fact_examples(load_pararel(self.folder, cfg.relations), cfg.relations, cfg.paraphrases, cfg.scan)
+
     def known_facts(self) -> tuple[list[KNExample], dict[str, int]]:
         cfg = self.config
-        relations = load_pararel(self.folder, cfg.relations)
-        candidates = fact_examples(relations, cfg.relations, cfg.paraphrases, cfg.scan)
+        candidates = self.candidates()
         key = self._key("kn-screen", facts=[[e.id, e.prompts, e.target] for e in candidates])
 
         def screen() -> list[list[bool]]:

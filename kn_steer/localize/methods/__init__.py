@@ -2,6 +2,7 @@
 in :data:`METHODS`.
 
 * ``kn`` (:mod:`.kn`, per-example) — knowledge neurons, Dai et al. 2022
+* ``kn-consistent`` (:mod:`.kn_consistent`, per-example) — consistency-aware knowledge neurons, after Chen et al.
 * ``ircan`` (:mod:`.ircan`, per-example) — context-aware neurons, IRCAN
 * ``relation`` (:mod:`.relation`, corpus) — relation-specific neurons by average precision
 * ``concept`` (:mod:`.concept`, weights) — the neurons of a word through the LM head, Davies et al.
@@ -31,10 +32,11 @@ from kn_steer.localize.methods.entropy import ENTROPY
 from kn_steer.localize.methods.firing import DEAD, TOKEN
 from kn_steer.localize.methods.ircan import IRCAN
 from kn_steer.localize.methods.kn import KN
+from kn_steer.localize.methods.kn_consistent import KN_CONSISTENT
 from kn_steer.localize.methods.language import LANGUAGE
 from kn_steer.localize.methods.relation import RELATION
 
-METHODS: dict[str, Method] = {m.name: m for m in (KN, IRCAN, RELATION, LANGUAGE, EMOTION, DEAD, TOKEN, CONCEPT, ENTROPY)}
+METHODS: dict[str, Method] = {m.name: m for m in (KN, KN_CONSISTENT, IRCAN, RELATION, LANGUAGE, EMOTION, DEAD, TOKEN, CONCEPT, ENTROPY)}
 
 
 def get_method(name: str) -> Method:

@@ -9,6 +9,7 @@ import pytest
 from helpers.paths import DATA
 
 from kn_steer.cli.localize import parse_localize_command
+from kn_steer.errors import KnSteerError
 from kn_steer.eval.api import HFEvaluator
 from kn_steer.eval.cache import ResultCache
 from kn_steer.eval.protocols import ircan
@@ -40,6 +41,23 @@ def test_protocol_runs_and_ships_a_library_set(evaluator, tmp_path: Path) -> Non
     # a second run reads everything back (per-example results and scores are cached)
     again = ircan.run(evaluator, data, config, progress=False, checkpoints=tmp_path)
     assert again["test"] == result["test"] and again["grid"] == result["grid"]
+
+    # retest: the same sets under more seeds; the first seeds and the set are as before
+    more = ircan.retest(evaluator, result, data, config.model_copy(update={"seeds": 3}))
+    assert more["config"]["seeds"] == 3 and more["grid"] == result["grid"] and more["retest"] == {"changed_ties": {}}
+    redone = more["test"][cell["result_of"]]
+    assert redone["set"] == test["set"] and redone["items"] == test["items"]
+    for kind in ("matched", "uniform"):
+        seeds = redone["controls"][kind]["total"]["per_seed"]
+        assert len(seeds) == 3 and seeds[:2] == test["controls"][kind]["total"]["per_seed"]
+    other = ircan.ChoiceData("memotrap", "memotrap", data.test, data.test)
+    with pytest.raises(KnSteerError, match="dev_sha256 differs"):
+        ircan.retest(evaluator, result, other, config)
+    tampered = {**result, "test": {k: {**v, "items": {**v["items"], "set": v["items"]["unsteered"]}}
+                                   for k, v in result["test"].items()}}
+    if tampered["test"] != result["test"]:
+        with pytest.raises(KnSteerError, match="does not reproduce"):
+            ircan.retest(evaluator, tampered, data, config)
 
     # the set is written by the library, and its command parses to its parameters
     out = tmp_path / "ctx.json"

@@ -136,3 +136,11 @@ def test_packed_scoring_equals_separate_forwards_on_a_tiny_model(bos: bool) -> N
         for item, score in zip(items, score_hf(model, tok, encoded, batch_size=batch_size)):
             assert score.logprobs == pytest.approx([separate(item.prompt, c) for c in choices], abs=1e-4)
             assert score.neutral == pytest.approx([separate(NEUTRAL_PROMPT, c) for c in choices], abs=1e-4)
+
+
+def test_a_duplicated_answer_is_a_tie() -> None:
+    from kn_steer.eval.protocols.ircan import _tied
+
+    twice = _item("dup", [-1.5, -1.5, -6.0], [3, 3, 3], [-20.0, -20.0, -19.0])
+    assert _tied(twice, "total") and _tied(twice, "calibrated") and twice.correct_by("total")
+    assert not _tied(_item("one", [-1.5, -1.6], [3, 3]), "total")

@@ -39,9 +39,10 @@ from kn_steer.sets.format import NeuronSet, model_identity
 
 
 def test_registry_is_explicit_and_complete() -> None:
-    assert sorted(METHODS) == ["concept", "dead", "emotion", "entropy", "ircan", "kn", "language", "relation", "token"]
+    assert sorted(METHODS) == ["concept", "dead", "emotion", "entropy", "ircan", "kn", "kn-consistent", "language",
+                              "relation", "token"]
     assert {m.kind for m in METHODS.values()} == {"example", "corpus", "weights"}
-    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, dead, emotion, entropy, ircan, kn, language, relation, token"):
+    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, dead, emotion, entropy, ircan, kn, kn-consistent, language, relation, token"):
         get_method("nope")
 
 
@@ -146,9 +147,9 @@ EMOTIONS = EmotionCorpus(  # three "emotions" (words), two templates each, two r
              "the capital of japan", "a city of japan"],
     emotion_of_prompt=[0, 0, 1, 1, 2, 2], emotions=["france", "italy", "japan"], attributes=["warm", "cold"],
     ratings=[[0.1, 0.9], [0.5, 0.4], [0.9, 0.0]])
-DATA_FOR = {"kn": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES, "token": TEXTS, "dead": TEXTS,
+DATA_FOR = {"kn": FACTS, "kn-consistent": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES, "token": TEXTS, "dead": TEXTS,
             "emotion": EMOTIONS, "concept": None, "entropy": None}  # weights only
-PARAMS_FOR = {"kn": {"steps": 2}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
+PARAMS_FOR = {"kn": {"steps": 2}, "kn-consistent": {"steps": 2, "spread": 0.0, "threshold": 0.1}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
               "relation": {"relation": "P36", "count": 6, "batch_size": 3},
               "concept": {"word": "paris", "top": 3, "max_rank": 40}, "entropy": {"top": 3, "null_dims": 4},
               "language": {"language": "aa", "filter_quantile": 0.5, "entropy_fraction": 0.3, "batch_size": 4},
