@@ -106,11 +106,15 @@ class KnowledgeProtocol(FolderProtocol):
         return known, screened
 
     def localize(self, facts: Sequence[KNExample]) -> list[ExampleResult]:
-        params = self.config.method_params()
-        header = cache_key(**checkpoint_header(KN, params, self.ref.fingerprint))[:12]
-        path = self.checkpoints / f"kn-{self.folder_sha[:16]}-{header}.jsonl"
+        return self.score_facts(KN, self.config.method_params(), facts)
+
+    def score_facts(self, method: Any, params: Any, facts: Sequence[KNExample]) -> list[ExampleResult]:
+        """``method``'s per-fact results, checkpointed under the method, its per-example
+        parameters, the model and the data."""
+        header = cache_key(**checkpoint_header(method, params, self.ref.fingerprint))[:12]
+        path = self.checkpoints / f"{method.name}-{self.folder_sha[:16]}-{header}.jsonl"
         ctx = Context(self.model, self.tokenizer, progress=self.progress)
-        results, _ = score_examples(KN, params, list(facts), ctx, self.ref.fingerprint, path, str(self.folder))
+        results, _ = score_examples(method, params, list(facts), ctx, self.ref.fingerprint, path, str(self.folder))
         return results
 
     def effects(self, fact: KNExample, neurons: Sequence[Pair]) -> dict[str, Any]:

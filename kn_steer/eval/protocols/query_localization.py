@@ -34,11 +34,9 @@ from pydantic import Field
 
 from kn_steer.data.pararel import load_pararel
 from kn_steer.errors import KnSteerError
-from kn_steer.eval.cache import ResultCache, cache_key
-from kn_steer.eval.controls import compiled_for, control_neurons, layer_counts
-from kn_steer.eval.prompts import score_prompts
+from kn_steer.eval.cache import ResultCache
+from kn_steer.eval.controls import control_neurons, layer_counts
 from kn_steer.eval.protocols.knowledge import KnowledgeConfig, KnowledgeProtocol
-from kn_steer.localize.methods import Context
 from kn_steer.localize.methods.kn import KNExample
 from kn_steer.localize.methods.kn_consistent import (
     KN_CONSISTENT,
@@ -48,7 +46,6 @@ from kn_steer.localize.methods.kn_consistent import (
     shared_neurons,
     table_of,
 )
-from kn_steer.localize.runner import checkpoint_header, score_examples
 from kn_steer.stats import compare_paired_signed_rank
 
 Pair = tuple[int, int]
@@ -124,12 +121,7 @@ class QueryLocalizationProtocol(KnowledgeProtocol):
         return out
 
     def tables(self, facts: Sequence[KNExample]) -> list[QueryTable]:
-        params = self.config.table_params()
-        header = cache_key(**checkpoint_header(KN_CONSISTENT, params, self.ref.fingerprint))[:12]
-        path = self.checkpoints / f"kn-consistent-{self.folder_sha[:16]}-{header}.jsonl"
-        ctx = Context(self.model, self.tokenizer, progress=self.progress)
-        results, _ = score_examples(KN_CONSISTENT, params, list(facts), ctx, self.ref.fingerprint, path, str(self.folder))
-        return [table_of(r) for r in results]
+        return [table_of(r) for r in self.score_facts(KN_CONSISTENT, self.config.table_params(), facts)]
 
     def consistency(self, facts: Sequence[KNExample], tables: Sequence[QueryTable]) -> dict[str, Any]:
         templates = self.templates(facts)
@@ -160,10 +152,6 @@ class QueryLocalizationProtocol(KnowledgeProtocol):
             "p_same_template_vs_same_fact": _mannwhitney(same_template, same_fact),
         }
 
-    def _probs_on(self, fact: KNExample, prompts: Sequence[str], neurons: Sequence[Pair], factor: float | None) -> list[float]:
-        compiled = None if factor is None else compiled_for(list(neurons), self.shape, "scale", factor=factor)
-        return score_prompts(self.model, self.tokenizer, list(prompts), [fact.target] * len(prompts), compiled).prob.tolist()
-
     def suppression(self, fact: KNExample, neurons: Sequence[Pair]) -> dict[str, Any]:
         """P(target) on every prompt: unsteered, with ``neurons`` suppressed, and with the controls."""
         cfg = self.config
@@ -171,11 +159,11 @@ class QueryLocalizationProtocol(KnowledgeProtocol):
                         seeds=cfg.seeds, controls=cfg.controls, factor=cfg.suppress_factor)
 
         def compute() -> dict[str, Any]:
-            out: dict[str, Any] = {"base": self._probs_on(fact, fact.prompts, [], None),
-                                   "set": self._probs_on(fact, fact.prompts, neurons, cfg.suppress_factor)}
+            out: dict[str, Any] = {"base": self._probs(fact, [], None),
+                                   "set": self._probs(fact, neurons, cfg.suppress_factor)}
             for kind in cfg.controls:
-                out[kind] = [self._probs_on(fact, fact.prompts, control_neurons(kind, neurons, self.shape, seed),
-                                            cfg.suppress_factor) for seed in range(cfg.seeds)]
+                out[kind] = [self._probs(fact, control_neurons(kind, neurons, self.shape, seed), cfg.suppress_factor)
+                             for seed in range(cfg.seeds)]
             return out
 
         return self.cache.compute(key, compute)
