@@ -7,6 +7,11 @@ One workload (default: 64 requests of 128 random prompt tokens, 64 generated tok
 * (b) ``idle``: plugin loaded, no request steered;
 * (c) ``steered``: every request steered by one spec (500 neurons over all layers, scale 2);
 * (d) ``mixed``: 8 distinct specs of 100..1500 neurons over all layers, plus unsteered requests;
+* (e) ``reading``: every request reads 100 neurons back at every position (no steering), the
+  values taken from the workers as the API server does (issue #15's goal: >= 0.95 of plain);
+* (f) ``idle-noread``: plugin loaded with read-back switched off (``KN_STEER_READ_BACK=0``: the
+  read op is not in the graph), no request steered: (b) / (f) is what the read op costs requests
+  that read nothing;
 
 and the scaling sweeps (all requests steered): distinct specs per batch (1, 4, 16, 64; 500
 neurons each) and neurons per spec (10 .. every neuron of every layer, one spec).
@@ -40,13 +45,15 @@ import common  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 HF_SCRIPT = SCRIPT.parent / "bench_hf_hooks.py"
-TARGETS = {"idle": 0.99, "steered": 0.97, "mixed": 0.97}
+TARGETS = {"idle": 0.99, "steered": 0.97, "mixed": 0.97, "reading": 0.95}
 CORE = {  # name: (engine, workload, seed slot, label)
     "plain": ("plain", {"kind": "unsteered"}, 0, "(a) plain vLLM, no plugin"),
     "idle": ("plugin", {"kind": "unsteered"}, 0, "(b) plugin loaded, no steering"),
     "steered": ("plugin", {"kind": "uniform", "distinct": 1, "neurons": common.STEERED_NEURONS}, 1,
                 f"(c) all steered, 1 spec x {common.STEERED_NEURONS} neurons"),
     "mixed": ("plugin", {"kind": "mixed"}, 2, "(d) mixed: 8 specs x 100..1500 neurons + 1/9 unsteered"),
+    "reading": ("plugin", {"kind": "read", "neurons": 100}, 20, "(e) every request reads 100 neurons, all positions"),
+    "idle-noread": ("noread", {"kind": "unsteered"}, 0, "(f) plugin with read-back off, no steering"),
 }
 HF = ("hf", {"kind": "uniform", "distinct": 1, "neurons": common.STEERED_NEURONS}, 1,
       "transformers generate + pre-hooks, batch 16, steered as (c)")
@@ -115,6 +122,13 @@ def worker(role_json: str, result_fd: str) -> None:
         if cmd["op"] == "profile":
             llm.start_profile()
         elapsed, outs = generate(prompts, specs, max_tokens)
+        if any(s is not None and "read" in s for s in specs):  # the values leave the workers, as over HTTP
+            from kn_steer.serving.readback import read_back
+
+            start = time.perf_counter()
+            reads = read_back(llm, outs)
+            elapsed += time.perf_counter() - start
+            assert all(r.values.shape[0] == cmd["prompt_len"] + max_tokens - 1 for r in reads)
         if cmd["op"] == "profile":
             llm.stop_profile()
         generated = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -146,7 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
-    ap.add_argument("--configs", default="plain,idle,steered,mixed", help="comma list of core configurations")
+    ap.add_argument("--configs", default="plain,idle,steered,mixed,reading,idle-noread",
+                    help="comma list of core configurations")
     ap.add_argument("--with-hf", action="store_true",
                     help="also run transformers generate with pre-hooks (bench_hf_hooks.py), once per session")
     ap.add_argument("--hf-batch", type=int, default=16)
@@ -305,15 +320,17 @@ def start_engines(needed: set[str], model, shape, args, log: Path) -> dict[str, 
     """Start the engines of one session side by side (each in its own fresh process)."""
     procs: dict[str, common.WorkerProcess] = {}
     base = {"model": model, "shape": shape, "enforce_eager": args.enforce_eager}
-    for name in ("plain", "plugin", "hf"):
+    for name in ("plain", "plugin", "noread", "hf"):
         if name not in needed:
             continue
         if name == "hf":
             procs[name] = common.WorkerProcess(HF_SCRIPT, {**base, "name": "hf", "batch": args.hf_batch},
                                                env={"VLLM_PLUGINS": None}, log=log)
         else:
-            procs[name] = common.WorkerProcess(SCRIPT, {**base, "name": name},
-                                               env=engine_env(name == "plugin"), log=log)
+            env = engine_env(name != "plain")
+            if name == "noread":
+                env["KN_STEER_READ_BACK"] = "0"
+            procs[name] = common.WorkerProcess(SCRIPT, {**base, "name": name}, env=env, log=log)
     return procs
 
 
@@ -339,8 +356,10 @@ def build_report(args, machine, model, core, sweep, runs, engines_info, loads, w
             if name in TARGETS:
                 entry["target"] = TARGETS[name]
                 entry["meets_target"] = entry["ratio_to_plain"]["median"] >= TARGETS[name]
-        if name in ("steered", "mixed") and "idle" in core:
+        if name in ("steered", "mixed", "reading") and "idle" in core:
             entry["ratio_to_idle_same_engine"] = paired(runs, name, "idle")
+        if name == "idle" and "idle-noread" in core:
+            entry["ratio_to_read_back_off"] = paired(runs, "idle", "idle-noread")
         out_core[name] = entry
     scaling: dict[str, Any] = {}
     if sweep:
@@ -361,7 +380,7 @@ def build_report(args, machine, model, core, sweep, runs, engines_info, loads, w
               "ratio_to_vllm_steered": paired(runs, "hf", "steered"),
               "ratio_to_plain": paired(runs, "hf", "plain")}
     checks = [e for e in engines_info if e.get("check")]
-    checks_ok = all(e["steering_effective"] == (e["engine"] == "plugin") for e in checks)
+    checks_ok = all(e["steering_effective"] == (e["engine"] != "plain") for e in checks)
     return {
         "benchmark": "serving", "machine": common.finish_machine(machine, loads), "model": model,
         "settings": {"requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
@@ -395,6 +414,10 @@ def print_report(report: dict[str, Any]) -> None:
         rows, caption=f"{m['cpu_model']}, {m['usable_cores']} cores; {st['requests']} requests x "
                       f"{st['prompt_len']}+{st['gen_len']} tokens; {st['compilation']}; "
                       f"steering checks ok: {report['steering_checks_ok']}; load {m.get('loadavg_1min_during', {})}")
+    idle = report["core"].get("idle", {}).get("ratio_to_read_back_off")
+    if idle:
+        print(f"(b) / (f): what the read op in the graph costs requests that read nothing: {idle.get('median')} "
+              f"(per run {idle.get('per_round')})")
     if report.get("hf_hooks"):
         r = report["hf_hooks"]["ratio_to_vllm_steered"]
         print(f"transformers+hooks / vLLM+plugin (c): {r.get('median')} (per run {r.get('per_round')})")

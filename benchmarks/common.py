@@ -360,7 +360,8 @@ def request_specs(workload: Mapping[str, Any], n_requests: int, num_layers: int,
 
     ``unsteered``; ``uniform`` (every request steered, ``distinct`` specs of ``neurons`` neurons,
     request i gets spec i mod distinct); ``mixed`` (8 specs of 100..1500 neurons and unsteered
-    requests, interleaved). Neurons are drawn uniformly over every layer with fixed seeds, so all
+    requests, interleaved); ``read`` (every request reads ``neurons`` neurons at every position, no
+    steering). Neurons are drawn uniformly over every layer with fixed seeds, so all
     scripts steer the very same neurons.
     """
     kind = workload["kind"]
@@ -378,4 +379,8 @@ def request_specs(workload: Mapping[str, Any], n_requests: int, num_layers: int,
         ]
         mixed.append(None)
         return [mixed[i % len(mixed)] for i in range(n_requests)]
+    if kind == "read":  # read-back only: every request reads the same neurons at every position
+        read = {"read": {"neurons": spread_neurons(int(workload["neurons"]), 3000, num_layers, intermediate),
+                         "positions": "all"}}
+        return [read] * n_requests
     raise ValueError(f"unknown workload kind {kind!r}")

@@ -49,6 +49,8 @@ class ServeOptions:
     presets: Path | None = None
     set_presets: bool = True
     ab_peer_logs: list[Path] = field(default_factory=list)
+    max_read_values: int | None = None
+    read_back: bool = True
 
     def environment(self) -> dict[str, str]:
         env = {}
@@ -56,9 +58,12 @@ class ServeOptions:
                             ("KN_STEER_MAX_INTERVENTIONS", self.max_interventions),
                             ("KN_STEER_MAX_ABS_FACTOR", self.max_abs_factor),
                             ("KN_STEER_MAX_ABS_VALUE", self.max_abs_value),
-                            ("KN_STEER_SLOTS", self.slots), ("KN_STEER_BANK_MIB", self.bank_mib)):
+                            ("KN_STEER_SLOTS", self.slots), ("KN_STEER_BANK_MIB", self.bank_mib),
+                            ("KN_STEER_MAX_READ_VALUES", self.max_read_values)):
             if value is not None:
                 env[name] = str(value)
+        if not self.read_back:
+            env["KN_STEER_READ_BACK"] = "0"
         return env
 
 
@@ -146,11 +151,14 @@ def register(app: typer.Typer) -> None:
         ab_peer_log: list[Path] = typer.Option([], "--ab-peer-log", help="Another replica's A/B log (repeatable): outcomes for its requests may be posted here."),
         presets: Optional[Path] = typer.Option(None, "--presets", help="Presets file (JSON): named specs, each served as the model id MODEL+NAME."),
         set_presets: bool = typer.Option(True, "--set-presets/--no-set-presets", help="Serve every neuron set as a preset of its name (MODEL+SET)."),
+        max_read_values: Optional[int] = typer.Option(None, "--max-read-values", help="Neuron values one request may read back, rows x neurons (1000000)."),
+        read_back: bool = typer.Option(True, "--read-back/--no-read-back", help="Let requests read neuron values back (kn_steer.read)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the vLLM command and exit."),
     ) -> None:
         """Serve MODEL with per-request neuron steering (extra args after `--` go to `vllm serve`)."""
         opts = ServeOptions(model, sets, host, port, max_neurons, max_interventions, max_abs_factor, max_abs_value,
-                            slots, bank_mib, experiments, ab_log, list(ctx.args), presets, set_presets, ab_peer_log)
+                            slots, bank_mib, experiments, ab_log, list(ctx.args), presets, set_presets, ab_peer_log,
+                            max_read_values, read_back)
         argv, env = build_command(opts)
         if dry_run:
             typer.echo(" ".join(argv))

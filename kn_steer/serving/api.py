@@ -28,12 +28,14 @@ from fastapi import (
 )
 
 from kn_steer.errors import KnSteerError
-from kn_steer.serving import hooks, metrics, preset_models
+from kn_steer.serving import hooks, metrics, preset_models, readback
 from kn_steer.serving.edge import (
+    READS_ATTR,
     STATUS_ATTR,
     SteeringRequestError,
     bind_context,
     prepare,
+    read_status,
     request_info,
     requested_spec,
 )
@@ -74,9 +76,16 @@ async def verify_engine(engine: Any) -> dict[str, Any]:
         statuses = await engine.collective_rpc("kn_steer_status")
     except Exception as exc:  # noqa: BLE001 - any failure means the workers cannot prove anything
         raise _rpc_failed(exc) from exc
-    summary = summarize_workers(list(statuses))
+    summary = with_read_status(summarize_workers(list(statuses)), engine.input_processor)
     bind_context(engine.input_processor)
     setattr(engine.input_processor, STATUS_ATTR, summary)
+    return summary
+
+
+def with_read_status(summary: dict[str, Any], processor: Any) -> dict[str, Any]:
+    """The summary with the engine's read-back switch and its ``max_model_len`` (the edge's bounds)."""
+    if summary.get("enabled"):
+        summary["read"] = {**read_status(processor), "max_model_len": int(processor.vllm_config.model_config.max_model_len)}
     return summary
 
 
@@ -102,7 +111,7 @@ def wrap_llm_engine_init(orig):
         except Exception as exc:  # noqa: BLE001
             raise _rpc_failed(exc) from exc
         bind_context(self.input_processor)
-        setattr(self.input_processor, STATUS_ATTR, summarize_workers(list(statuses)))
+        setattr(self.input_processor, STATUS_ATTR, with_read_status(summarize_workers(list(statuses)), self.input_processor))
 
     return __init__
 
@@ -193,6 +202,27 @@ def wrap_stream_generator(orig):
     return stream_generator
 
 
+def _with_reads_at_end(gen: AsyncGenerator[str, None], engine_client: Any, reads: dict[str, Any]):
+    """A stream whose last chunk before ``[DONE]`` carries the read-back values (``choices: []``, as
+    OpenAI's usage chunk)."""
+    async def wrapped() -> AsyncGenerator[str, None]:
+        last: dict[str, Any] = {}
+        async for chunk in gen:
+            if chunk.startswith("data: {"):
+                try:
+                    last = json.loads(chunk[len("data: "):])
+                except ValueError:
+                    pass
+            elif chunk.startswith("data: [DONE]") and "error" not in last:
+                taken = await readback.take(engine_client, reads["keys"], [reads["dtype"]] * len(reads["keys"]))
+                body = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
+                body.update(choices=[], kn_steer={"read": taken})
+                yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+            yield chunk
+
+    return wrapped()
+
+
 # ----- request records and metrics ------------------------------------------------------------------
 def _record(request: Any, endpoint: str, started: float, *, error: bool, status: int, raw_request: Any,
             usage: Any = None, completion_tokens: int | None = None, response_id: str | None = None) -> None:
@@ -275,6 +305,18 @@ def _wrap_create(endpoint: str, prefix: str):
                 status = 400 if isinstance(exc, (VLLMClientError, ValueError, TypeError)) else 500
                 _record(request, endpoint, started, error=True, status=status, raw_request=raw_request)
                 raise
+            reads = (request.__pydantic_extra__ or {}).get(READS_ATTR) or {}
+            if reads.get("keys"):
+                engine_client = getattr(self, "engine_client", None)
+                if hasattr(result, "__aiter__"):
+                    result = _with_reads_at_end(result, engine_client, reads)
+                elif getattr(result, "error", None) is None and hasattr(result, "model_extra"):
+                    taken = await readback.take(engine_client, reads["keys"], [reads["dtype"]] * len(reads["keys"]))
+                    body = dict(getattr(result, "kn_steer", None) or {})
+                    body["read"] = taken
+                    setattr(result, "kn_steer", body)
+                else:  # an error: free the workers' values now
+                    await readback.take(engine_client, reads["keys"])
             error = getattr(result, "error", None)
             if error is not None:
                 _record(request, endpoint, started, error=True, status=int(getattr(error, "code", 500) or 500),

@@ -20,20 +20,23 @@ import copy
 import threading
 import uuid
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 from vllm.exceptions import VLLMValidationError
 
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.serving import hooks, wire
 from kn_steer.serving.context import ServingContext, current_context, load_context
-from kn_steer.serving.wire import RAW_KEY, WIRE_KEY
+from kn_steer.serving.wire import RAW_KEY, READ_KEY, WIRE_KEY
 from kn_steer.steering.compile import compile_spec
 from kn_steer.steering.masks import CompiledSteering
 from kn_steer.steering.presets import expand, with_preset
+from kn_steer.steering.read import ReadPlan, compile_read
 from kn_steer.steering.spec import MAX_UNIT_CHARS, SteeringSpec, parse_spec
 
 INFO_ATTR = "_kn_steer_info"  # kept in the request's pydantic extras, for the response
+READS_ATTR = "_kn_steer_reads"  # the request's read-back keys (one per prompt) and value dtype
 STATUS_ATTR = "_kn_steer_engine"  # set on an InputProcessor once its engine's workers passed the self-check
 CONTEXT_ATTR = "_kn_steer_context"  # the ServingContext an InputProcessor's engine was built with
 
@@ -92,12 +95,23 @@ def _cache(ctx: ServingContext) -> CompileCache:
     return cache
 
 
-def resolve(ctx: ServingContext, raw: Any, request_id: str | None) -> tuple[SteeringSpec, CompiledSteering, dict[str, Any]]:
-    """(resolved spec, compiled masks, response info); any problem is a SteeringRequestError."""
+class Resolved(NamedTuple):
+    spec: SteeringSpec  # interventions only (experiment and preset resolved), with the client's read
+    compiled: CompiledSteering
+    info: dict[str, Any]  # for the response
+    read: ReadPlan | None
+
+
+def resolve(ctx: ServingContext, raw: Any, request_id: str | None) -> Resolved:
+    """Resolve and compile a spec; any problem is a SteeringRequestError.
+
+    ``read`` always comes from the client's own spec (presets and A/B arms steer; they never read)."""
     if not ctx.enabled:
         raise SteeringRequestError(f"kn_steer: steering is not available for this model: {ctx.reason}")
     try:
         spec = parse_spec(raw)
+        read_spec = spec.read
+        spec = spec.model_copy(update={"read": None}) if read_spec is not None else spec
         extra: dict[str, Any] = {"preset": spec.preset} if spec.preset is not None else {}
         spec = expand(spec, ctx.presets)
         if spec.experiment is not None:
@@ -114,6 +128,7 @@ def resolve(ctx: ServingContext, raw: Any, request_id: str | None) -> tuple[Stee
             if spec.experiment is not None:
                 raise SpecError(f"kn_steer: the drawn arm {drawn.get('arm')!r} names a preset that is an experiment")
         compiled = _cache(ctx).get(ctx, spec)
+        read = compile_read(read_spec, ctx.registry, ctx.shape, ctx.limits) if read_spec is not None else None
     except SteeringRequestError:
         raise
     except KnSteerError as exc:
@@ -123,7 +138,25 @@ def resolve(ctx: ServingContext, raw: Any, request_id: str | None) -> tuple[Stee
         "neurons": {"prompt": compiled.prompt.size, "generated": compiled.generated.size},
         **extra,
     }
-    return spec, compiled, info
+    if read is not None:  # the values come with the finished response (kn_steer.read)
+        spec = spec.model_copy(update={"read": read_spec})
+    return Resolved(spec, compiled, info, read)
+
+
+def read_status(processor: Any) -> dict[str, Any]:
+    """The engine's read-back switch (``additional_config``), or a reason it is off."""
+    mark = (getattr(processor.vllm_config, "additional_config", None) or {}).get("kn_steer") or {}
+    return mark.get("read") or {"enabled": False, "reason": "read-back needs a kn-steer engine"}
+
+
+def _check_read(read: ReadPlan, params: Any, status: dict[str, Any], n_prompt: int, limits: Any) -> None:
+    """Refuse a read the engine cannot do or that exceeds the limits (``n_prompt``: 0 = not known yet)."""
+    if not status.get("enabled"):
+        raise SteeringRequestError(f"kn_steer.read: {status.get('reason') or 'read-back is off on this server'}")
+    if (getattr(params, "n", 1) or 1) > 1:
+        raise SteeringRequestError("kn_steer.read: n > 1 is not supported with read-back; send n requests")
+    max_tokens = int(getattr(params, "max_tokens", None) or 1)
+    read.check_bound(n_prompt, max_tokens, limits)
 
 
 # ----- InputProcessor.process_inputs -------------------------------------------------------------
@@ -158,29 +191,40 @@ def wrap_process_inputs(orig):
         extra = getattr(params, "extra_args", None) if isinstance(params, SamplingParams) else None
         if not extra or (RAW_KEY not in extra and WIRE_KEY not in extra):
             return orig(self, request_id, prompt, params, *args, **kwargs)
-        compiled = None
+        compiled = read = None
         if extra.get(RAW_KEY) is not None:
             try:
                 ctx = bind_context(self)
             except KnSteerError as exc:
                 raise SteeringRequestError(str(exc)) from None
-            _, compiled, _ = resolve(ctx, extra[RAW_KEY], request_id)
+            _, compiled, _, read = resolve(ctx, extra[RAW_KEY], request_id)
             if getattr(params, "use_beam_search", False):
                 raise SteeringRequestError("kn_steer cannot be combined with beam search")
-            if not compiled.is_identity:
+            if not compiled.is_identity or read is not None:
                 _engine_verified(self)
         # vLLM deep-copies offline SamplingParams; hand it a shallow copy without the (possibly
         # 46k-neuron) spec so that copy stays cheap. The caller's params object is not modified.
         light = copy.copy(params)
-        light.extra_args = {k: v for k, v in extra.items() if k not in (RAW_KEY, WIRE_KEY)} or None
+        light.extra_args = {k: v for k, v in extra.items() if k not in (RAW_KEY, WIRE_KEY, READ_KEY)} or None
         request = orig(self, request_id, prompt, light, *args, **kwargs)
         sp = request.sampling_params
         new_extra = dict(sp.extra_args or {})
         if compiled is not None:  # a small summary only: the engine reads the compiled masks
             new_extra[RAW_KEY] = {"applied": compiled.applied}
-        if compiled is not None and not compiled.is_identity:
+        unique = None
+        if read is not None:
+            tokens = getattr(request, "prompt_token_ids", None)
+            if tokens is None:
+                raise SteeringRequestError("kn_steer.read: read-back needs a prompt of tokens (not embeddings)")
+            _check_read(read, sp, read_status(self), len(tokens), ctx.limits)
+            key = str(extra.get(READ_KEY) or request_id)
+            new_extra[WIRE_KEY] = {**wire.encode(compiled), "read": wire.encode_read(read, key, len(tokens),
+                                                                                     int(sp.max_tokens or 1))}
+            unique = key if read.reads_prompt else None  # every prompt token computed: none from the cache
+        elif compiled is not None and not compiled.is_identity:
             new_extra[WIRE_KEY] = wire.encode(compiled)
-            request.cache_salt = wire.cache_salt(compiled, request.cache_salt)
+        if WIRE_KEY in new_extra and (unique is not None or not compiled.is_identity):
+            request.cache_salt = wire.cache_salt(compiled, request.cache_salt, unique)
         sp.extra_args = new_extra or None
         return request
 
@@ -240,10 +284,16 @@ def prepare(request: Any, response_id: str | None = None, engine: dict[str, Any]
         ctx = current_context()
     except KnSteerError as exc:
         raise SteeringRequestError(str(exc)) from None
-    spec, compiled, info = resolve(ctx, raw, response_id or getattr(request, "request_id", None))
+    spec, compiled, info, read = resolve(ctx, raw, response_id or getattr(request, "request_id", None))
     if engine is not None and not compiled.is_identity:
         info["engine"] = {"self_check": engine.get("self_check"), "workers": engine.get("workers")}
+    status = (engine or {}).get("read") or {}
+    if read is not None and engine is not None:  # over HTTP: refused before anything is queued
+        _check_read(read, request, status, 0, ctx.limits)
     extras[INFO_ATTR] = (spec.model_dump(mode="json", exclude_none=True), info)
+    if read is not None and status.get("max_model_len"):
+        extras[READS_ATTR] = {"keys": [], "dtype": spec.read.dtype, "plan": (read.size, read.positions, read.reduce),
+                              "max_model_len": int(status["max_model_len"])}
 
 
 def wrap_to_sampling_params(orig):
@@ -252,13 +302,32 @@ def wrap_to_sampling_params(orig):
         extras = self.__pydantic_extra__ or {}
         cached = extras.get(INFO_ATTR)
         params = orig(self, *args, **kwargs)
-        extra = {k: v for k, v in (params.extra_args or {}).items() if k not in (WIRE_KEY, RAW_KEY)}
+        extra = {k: v for k, v in (params.extra_args or {}).items() if k not in (WIRE_KEY, RAW_KEY, READ_KEY)}
         if cached is not None:
             extra[RAW_KEY] = cached[0]
+        reads = extras.get(READS_ATTR)
+        if reads is not None:  # one key per prompt (a completion may have several), in prompt order
+            _bound_before_tokens(reads, params)
+            key = uuid.uuid4().hex
+            extra[READ_KEY] = key
+            reads["keys"].append(key)
         params.extra_args = extra or None
         return params
 
     return to_sampling_params
+
+
+def _bound_before_tokens(reads: dict[str, Any], params: Any) -> None:
+    """The read's size bound from ``max_tokens`` alone, before the prompt's tokens are known: vLLM
+    sets ``max_tokens`` to at most ``max_model_len`` minus the prompt, so the prompt has at most
+    ``max_model_len - max_tokens`` tokens. Refused here, a streaming request gets a 400 too."""
+    max_tokens = int(getattr(params, "max_tokens", None) or 1)
+    size, positions, reduce = reads["plan"]
+    plan = ReadPlan(np.zeros(size, np.int32), np.zeros(size, np.int32), positions, reduce, reads["dtype"])
+    try:
+        plan.check_bound(max(0, int(reads["max_model_len"]) - max_tokens), max_tokens, current_context().limits)
+    except KnSteerError as exc:
+        raise SteeringRequestError(str(exc)) from None
 
 
 def wrap_to_beam_search_params(orig):

@@ -84,6 +84,28 @@ def problems(config: Any) -> list[str]:
     return found
 
 
+def read_back(config: Any) -> dict[str, Any]:
+    """Whether workers trace the read-back op into the graph, and why not.
+
+    The op calls back into Python (:mod:`kn_steer.serving.ops.neuron_read`); a captured CUDA graph
+    would replay its kernels without that call, so read-back is off wherever vLLM captures graphs
+    (reading requests then get a 400 that says how to turn it on)."""
+    settings = load_settings()
+    entry: dict[str, Any] = {"enabled": False, "reason": "", "bytes": settings.read_bytes}
+    if not settings.read_back:
+        entry["reason"] = "read-back is switched off on this server (KN_STEER_READ_BACK=0)"
+        return entry
+    device = str(getattr(getattr(config, "device_config", None), "device_type", "") or "")
+    mode = getattr(getattr(config, "compilation_config", None), "cudagraph_mode", None)
+    graphs = device != "cpu" and not config.model_config.enforce_eager and getattr(mode, "name", str(mode)) != "NONE"
+    if graphs:
+        entry["reason"] = ("read-back is off while vLLM captures CUDA graphs (they would replay the read op without "
+                           "its Python callback): serve with --enforce-eager to read neurons back")
+        return entry
+    entry["enabled"] = True
+    return entry
+
+
 def bank_slots(config: Any, num_layers: int, intermediate: int, dtype_bytes: int) -> tuple[int, bool]:
     """(slots per worker, whether admission control is needed).
 
@@ -163,7 +185,7 @@ def wrap_create_engine_config(orig):
                                            + "\n  - ".join(found) + f"\n(or {FIX})")
             dtype_bytes = int(getattr(model_config.dtype, "itemsize", 4))
             slots, admission = bank_slots(config, ctx.shape.num_layers, ctx.shape.intermediate_size, dtype_bytes)
-            entry.update(slots=slots, admission=admission, guard=ctx.limits.max_abs_value)
+            entry.update(slots=slots, admission=admission, guard=ctx.limits.max_abs_value, read=read_back(config))
             if admission:
                 logger.info("kn-steer: %d mask slots per worker (budget KN_STEER_BANK_MIB); the scheduler admits "
                             "at most %d distinct masks at once", slots, slots - 1)

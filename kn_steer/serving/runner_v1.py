@@ -10,12 +10,16 @@ Patched (class attributes, idempotent; every name is listed in :mod:`kn_steer.se
 * V1 ``GPUModelRunner._prepare_inputs`` (the CPU runner inherits it): once per step, register new
   requests (their compiled masks travel in ``sampling_params.extra_args``) and map every scheduled
   token to its slot, in ``input_batch`` order, before the forward runs.
-* V1 ``GPUModelRunner._on_request_state_removed``: release a finished request's masks.
+* V1 ``GPUModelRunner._on_request_state_removed``: release a finished request's masks (its
+  read-back values wait in the worker until the API server takes them).
+* V1 ``GPUModelRunner.execute_model``: end the step's read plan once the forward has run.
 * ``Worker.compile_or_warm_up_model`` / ``CPUWorker.compile_or_warm_up_model``: after compilation
   and graph capture, the start-up self-check (:mod:`kn_steer.serving.selfcheck`); a failure stops
   the server.
 * ``Worker.wake_up`` / ``CPUWorker.wake_up``: rewrite the bank after sleep.
 * ``Worker.kn_steer_status`` (added): what this worker applied, for ``collective_rpc``.
+* ``Worker.kn_steer_take_reads`` (added): a finished request's read-back values
+  (:mod:`kn_steer.serving.ops.neuron_read`), for ``collective_rpc``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from kn_steer.errors import KnSteerError
 from kn_steer.models.families import adapter_for_config
 from kn_steer.models.sites import site_modules, site_pre_hook
 from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
+from kn_steer.serving.ops.neuron_read import NeuronReader
 from kn_steer.serving.patching import patch_method
 from kn_steer.serving.wire import WIRE_KEY
 from kn_steer.serving.worker_state import WorkerSteering
@@ -75,14 +80,18 @@ def install(worker: Any) -> WorkerSteering | None:
     max_tokens = int(sched.max_num_batched_tokens) + 2 * int(sched.max_num_seqs) + 64
     op = NeuronMaskOp(sorted(modules), size, offset, int(mark["slots"]), runner.model_config.dtype,
                       runner.device, float(mark["guard"]))
-    state = WorkerSteering(op, int(mark["slots"]), max_tokens, runner.device)
+    read = mark.get("read") or {}
+    reader = (NeuronReader(sorted(modules), offset, size, runner.device, int(read["bytes"]))
+              if read.get("enabled") else None)
+    state = WorkerSteering(op, int(mark["slots"]), max_tokens, runner.device, reader)
     for layer, module in modules.items():
         module.requires_unquantized_input = True  # no QuantizedActivation for the hook (vLLM's LoRA does the same)
         hook = site_pre_hook(layer, state.apply)
         state.hooks[layer] = (module, hook, module.register_forward_pre_hook(hook))
     setattr(runner, STATE_ATTR, state)
-    logger.info("kn-steer: steering %d layers, neurons [%d, %d), %d mask slots (%.1f MiB)",
-                len(modules), offset, offset + size, state.table.capacity, op.nbytes / 2**20)
+    logger.info("kn-steer: steering %d layers, neurons [%d, %d), %d mask slots (%.1f MiB), read-back %s",
+                len(modules), offset, offset + size, state.table.capacity, op.nbytes / 2**20,
+                "on" if reader is not None else f"off ({read.get('reason', '')})")
     return state
 
 
@@ -133,6 +142,14 @@ def kn_steer_status(self) -> dict[str, Any]:
             **(state.status() if state is not None else {"self_check": None})}
 
 
+def kn_steer_take_reads(self, keys: list[str]) -> dict[str, Any]:
+    """This rank's part of each finished request's read-back (``collective_rpc``); taken once."""
+    state = state_of(self.model_runner)
+    if state is None or state.reader is None:
+        return {}
+    return state.reader.take(list(keys))
+
+
 def patch_worker(module: Any) -> None:
     cls = module.Worker
     patch_method(cls, "load_model", _wrap_load_model)
@@ -181,7 +198,20 @@ def _wrap_removed(orig):
     return _on_request_state_removed
 
 
+def _wrap_execute_model(orig):
+    def execute_model(self, *args, **kwargs):
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            state = state_of(self)
+            if state is not None and state.reader is not None:
+                state.reader.end_step()
+
+    return execute_model
+
+
 def patch_v1_runner(module: Any) -> None:
     cls = module.GPUModelRunner
     patch_method(cls, "_prepare_inputs", _wrap_prepare_inputs)
     patch_method(cls, "_on_request_state_removed", _wrap_removed)
+    patch_method(cls, "execute_model", _wrap_execute_model)

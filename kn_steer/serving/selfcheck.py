@@ -9,7 +9,8 @@ the server answers, each worker
 2. pushes a few dummy tokens through the real forward (vLLM's own ``_dummy_run``: the compiled
    graph, or the captured CUDA graph of that size) once with every token reading the identity slot
    and then, layer by layer, with every token reading a scratch slot that clamps all of that
-   layer's neurons; each layer's probe must change the output.
+   layer's neurons; each layer's probe must change the output, and where read-back is on, reading
+   some of that layer's neurons in the same forward must give back the clamped value.
 
 Any failure raises and the engine does not start. The result is kept for ``kn_steer_status``.
 """
@@ -88,23 +89,32 @@ def run_self_check(runner: Any, state: WorkerSteering) -> dict[str, Any]:
         again = forward(0)
         if not torch.equal(base, again):
             raise SelfCheckFailed("kn-steer self-check: two identical dummy forwards differ; cannot prove anything")
-        dead = []
+        dead, unread = [], []
+        reader = state.reader
         for layer in state.op.layers:
             state.op.fill(PROBE_SLOT, layer, PROBE_VALUE)
+            probe = reader.probe(layer, tokens) if reader is not None else None
             try:
                 if torch.equal(forward(PROBE_SLOT), base):
                     dead.append(layer)
             finally:
                 state.op.reset_slot(PROBE_SLOT)
+                if probe is not None and not (reader.end_probe(probe) == PROBE_VALUE).all():
+                    unread.append(layer)
     finally:
         state.point_all_at(0, 0)
+    if unread:
+        raise SelfCheckFailed(
+            f"kn-steer self-check: reading layer(s) {unread}'s neurons in the real forward pass did not give back "
+            "the clamped value (the read op is not in the compiled graph, or reads other rows): refusing to serve"
+        )
     if dead:
         raise SelfCheckFailed(
             f"kn-steer self-check: clamping the neurons of layer(s) {dead} changed nothing in the real forward "
             "pass (the hook is not in the compiled/captured graph, or its tensors are not the ones read): "
             "refusing to serve"
         )
-    result = {"passed": True, "layers": len(state.op.layers), "tokens": tokens,
+    result = {"passed": True, "layers": len(state.op.layers), "tokens": tokens, "read_back": reader is not None,
               "seconds": round(time.perf_counter() - started, 3)}
     state.self_check = result
     logger.info("kn-steer: self-check passed (%d layers probed through the real forward in %.2f s)",

@@ -11,6 +11,9 @@ stops start-up with a message naming the variable.
 | ``KN_STEER_MAX_INTERVENTIONS`` | interventions in one request | 64 |
 | ``KN_STEER_MAX_ABS_FACTOR`` | largest \\|scale factor\\| after composition | 100 (float16: 10) |
 | ``KN_STEER_MAX_ABS_VALUE`` | largest \\|clamp value\\| | 1e4 (float16: 1e3) |
+| ``KN_STEER_MAX_READ_VALUES`` | neuron values one request may read back (positions x neurons) | 1000000 |
+| ``KN_STEER_READ_BACK=0`` | no read-back (the read hook is then not traced into the graph) | on |
+| ``KN_STEER_READ_MIB`` | memory per worker for read-back values not yet fetched | 1024 |
 | ``KN_STEER_MAX_SPEC_BYTES`` | largest body of a request that carries ``kn_steer`` | 4 MiB |
 | ``KN_STEER_COMPILE_CACHE_MIB`` | memory for compiled specs in the API server | 256 |
 | ``KN_STEER_BANK_MIB`` | memory for mask slots per worker | 256 |
@@ -34,12 +37,14 @@ from kn_steer.sets.registry import default_sets_dir
 from kn_steer.steering.limits import (
     DEFAULT_MAX_INTERVENTIONS,
     DEFAULT_MAX_NEURONS,
+    DEFAULT_MAX_READ_VALUES,
     RequestLimits,
 )
 
 ENV_DISABLE = "KN_STEER_DISABLE"
 PRESETS_ENV = "KN_STEER_PRESETS"
 SET_PRESETS_ENV = "KN_STEER_SET_PRESETS"
+READ_BACK_ENV = "KN_STEER_READ_BACK"
 _MAX_DOSE_SETTING = 1e30  # a float32 product of such a dose and an activation stays finite
 
 
@@ -52,6 +57,9 @@ class ServingSettings(BaseModel):
     sets_dir_explicit: bool
     max_neurons: int = DEFAULT_MAX_NEURONS
     max_interventions: int = DEFAULT_MAX_INTERVENTIONS
+    max_read_values: int = DEFAULT_MAX_READ_VALUES
+    read_back: bool = True
+    read_bytes: int = 1 << 30
     max_abs_factor: float | None = None  # None: the served dtype's default
     max_abs_value: float | None = None
     max_spec_bytes: int = 4 << 20
@@ -64,6 +72,7 @@ class ServingSettings(BaseModel):
     def limits(self, dtype: str | None) -> RequestLimits:
         return RequestLimits.for_dtype(
             dtype, max_neurons=self.max_neurons, max_interventions=self.max_interventions,
+            max_read_values=self.max_read_values,
             max_abs_factor=self.max_abs_factor, max_abs_value=self.max_abs_value,
         )
 
@@ -102,6 +111,7 @@ def load_settings() -> ServingSettings:
     for field, name, kind, low, high in (
         ("max_neurons", "KN_STEER_MAX_NEURONS", int, 1, 10**9),
         ("max_interventions", "KN_STEER_MAX_INTERVENTIONS", int, 1, 4096),
+        ("max_read_values", "KN_STEER_MAX_READ_VALUES", int, 1, 10**10),
         ("max_abs_factor", "KN_STEER_MAX_ABS_FACTOR", float, 0.0, _MAX_DOSE_SETTING),
         ("max_abs_value", "KN_STEER_MAX_ABS_VALUE", float, 0.0, _MAX_DOSE_SETTING),
         ("max_spec_bytes", "KN_STEER_MAX_SPEC_BYTES", int, 1024, 1 << 30),
@@ -110,7 +120,8 @@ def load_settings() -> ServingSettings:
         value = _number(name, kind, low, high)
         if value is not None:
             fields[field] = value
-    for field, name in (("compile_cache_bytes", "KN_STEER_COMPILE_CACHE_MIB"), ("bank_bytes", "KN_STEER_BANK_MIB")):
+    for field, name in (("compile_cache_bytes", "KN_STEER_COMPILE_CACHE_MIB"), ("bank_bytes", "KN_STEER_BANK_MIB"),
+                        ("read_bytes", "KN_STEER_READ_MIB")):
         value = _number(name, float, 1.0, 1 << 20)
         if value is not None:
             fields[field] = int(value * (1 << 20))
@@ -121,4 +132,5 @@ def load_settings() -> ServingSettings:
             raise KnSteerError(f"${PRESETS_ENV}: presets file {path} does not exist")
         fields["presets_file"] = path.resolve()
     fields["set_presets"] = _switch(SET_PRESETS_ENV, True)
+    fields["read_back"] = _switch(READ_BACK_ENV, True)
     return ServingSettings(sets_dir=default_sets_dir(), sets_dir_explicit=bool(os.environ.get(SETS_ENV)), **fields)

@@ -14,10 +14,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from kn_steer.steering.masks import CompiledSteering, SparseMask
+from kn_steer.steering.read import ReadPlan
 
 RAW_KEY = "kn_steer"
 WIRE_KEY = "kn_steer_compiled"
-WIRE_VERSION = "kn-steer-2"
+READ_KEY = "kn_steer_read_key"  # the API edge's key under which the workers keep a request's reads
+WIRE_VERSION = "kn-steer-3"
 SALT_PREFIX = "kn-steer:"
 
 
@@ -53,12 +55,30 @@ def decode(wire: Mapping[str, Any]) -> CompiledSteering:
     return CompiledSteering(decode_mask(wire["prompt"]), decode_mask(wire["generated"]))
 
 
-def cache_salt(compiled: CompiledSteering, existing: str | None = None) -> str:
+def encode_read(plan: ReadPlan, key: str, n_prompt: int, max_tokens: int) -> dict[str, Any]:
+    """A request's read-back for the workers: its key, neurons, positions, reduction, row bound."""
+    return {"key": key, "l": plan.layers.astype("<i4").tobytes(), "i": plan.indices.astype("<i4").tobytes(),
+            "positions": plan.positions, "reduce": plan.reduce, "n_prompt": int(n_prompt),
+            "rows": plan.rows(n_prompt, max_tokens)}
+
+
+def decode_read(wire: Mapping[str, Any]) -> tuple[str, ReadPlan, int, int] | None:
+    """(key, plan, prompt length, row bound) of a request's read-back, or None."""
+    read = wire.get("read") if wire else None
+    if not read:
+        return None
+    plan = ReadPlan(np.frombuffer(read["l"], "<i4").astype(np.int32), np.frombuffer(read["i"], "<i4").astype(np.int32),
+                    read["positions"], read["reduce"], "float32")
+    return str(read["key"]), plan, int(read["n_prompt"]), int(read["rows"])
+
+
+def cache_salt(compiled: CompiledSteering, existing: str | None = None, unique: str | None = None) -> str:
     """Prefix-cache salt: KV blocks computed under one spec are never reused by another.
 
-    ``existing``: a salt the client already set; both are folded into one."""
+    ``existing``: a salt the client already set; both are folded into one. ``unique``: a key of
+    this request alone (a request that reads prompt positions must compute every prompt token)."""
     ours = SALT_PREFIX + hashlib.sha256(
-        (compiled.prompt.key() + "/" + compiled.generated.key()).encode()
+        (compiled.prompt.key() + "/" + compiled.generated.key() + "/" + (unique or "")).encode()
     ).hexdigest()[:32]
     if not existing:
         return ours

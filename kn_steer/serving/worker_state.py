@@ -14,9 +14,10 @@ import torch
 
 from kn_steer.serving import mapping
 from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
+from kn_steer.serving.ops.neuron_read import NeuronReader
 from kn_steer.serving.slots import SlotTable
 from kn_steer.serving.uploads import Uploader
-from kn_steer.serving.wire import decode
+from kn_steer.serving.wire import decode, decode_read
 from kn_steer.steering.masks import SparseMask
 
 
@@ -34,14 +35,17 @@ class Counters:
     steered_steps: int = 0
     steered_tokens: int = 0
     steered_requests: int = 0
+    reading_requests: int = 0
     requests_seen: int = 0
 
 
 class WorkerSteering:
     """Everything a worker needs to steer: see the module docstring."""
 
-    def __init__(self, op: NeuronMaskOp, capacity: int, max_tokens: int, device: torch.device | str):
+    def __init__(self, op: NeuronMaskOp, capacity: int, max_tokens: int, device: torch.device | str,
+                 reader: NeuronReader | None = None):
         self.op = op
+        self.reader = reader
         self.table: SlotTable[SparseMask] = SlotTable(capacity)
         self.device = torch.device(device)
         self.uploader = Uploader(self.device)
@@ -56,7 +60,10 @@ class WorkerSteering:
 
     # ----- the layer math (called by the site hooks, traced into the graph) -------------------
     def apply(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.op.apply(layer, x, self.token_slots[: x.shape[0]])
+        y = self.op.apply(layer, x, self.token_slots[: x.shape[0]])
+        if self.reader is not None:  # fixed before tracing: a server without read-back has no op in its graph
+            torch.ops.kn_steer.read_neurons(y, layer, self.reader.id)
+        return y
 
     # ----- requests ---------------------------------------------------------------------------
     def seen(self, req_id: str) -> bool:
@@ -68,6 +75,10 @@ class WorkerSteering:
         self.counters.requests_seen += 1
         if wire is None:
             return
+        read = decode_read(wire)
+        if read is not None and self.reader is not None:
+            self.reader.add(req_id, *read)
+            self.counters.reading_requests += 1
         compiled = decode(wire)
         if compiled.is_identity:
             return
@@ -84,6 +95,8 @@ class WorkerSteering:
 
     def remove_request(self, req_id: str) -> None:
         self._seen.discard(req_id)
+        if self.reader is not None:
+            self.reader.finish(req_id)
         state = self._requests.pop(req_id, None)
         if state is None:
             return
@@ -103,6 +116,8 @@ class WorkerSteering:
         self.uploader.begin_step()
         self.counters.steps += 1
         num_reqs = len(req_ids)
+        if self.reader is not None:
+            self.reader.plan(req_ids, num_scheduled, num_computed)
         steered = [(i, self._requests[r]) for i, r in enumerate(req_ids) if r in self._requests]
         if not steered:
             if self._high_water:
@@ -151,6 +166,7 @@ class WorkerSteering:
             "neurons": {"offset": self.op.offset, "size": self.op.local_size},
             "slots": {"capacity": self.table.capacity, "in_use": self.table.in_use, "masks_known": self.table.known},
             "bank_bytes": self.op.nbytes,
+            "read_back": self.reader.status() if self.reader is not None else None,
             "active_requests": self.active_requests,
             "counters": dict(vars(self.counters)),
         }

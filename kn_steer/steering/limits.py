@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_NEURONS = 200_000
 DEFAULT_MAX_INTERVENTIONS = 64
+DEFAULT_MAX_READ_VALUES = 1_000_000  # 4 MB of float32 per request (5.3 MB as base64)
 
 _DOSE_DEFAULTS = {  # dtype name -> (max |factor|, max |value|)
     "float32": (100.0, 1e4),
@@ -46,6 +47,7 @@ class RequestLimits:
 
     max_neurons: int = DEFAULT_MAX_NEURONS
     max_interventions: int = DEFAULT_MAX_INTERVENTIONS
+    max_read_values: int = DEFAULT_MAX_READ_VALUES
     max_abs_factor: float = _DOSE_DEFAULTS["float32"][0]
     max_abs_value: float = _DOSE_DEFAULTS["float32"][1]
 
@@ -57,8 +59,9 @@ class RequestLimits:
 
     def describe(self) -> dict[str, float | int]:
         return {"max_neurons": self.max_neurons, "max_interventions": self.max_interventions,
+                "max_read_values": self.max_read_values,
                 "max_abs_factor": self.max_abs_factor, "max_abs_value": self.max_abs_value}
 
 
-UNLIMITED = RequestLimits(max_neurons=10**9, max_interventions=10**9, max_abs_factor=float("inf"),
+UNLIMITED = RequestLimits(max_neurons=10**9, max_interventions=10**9, max_read_values=10**12, max_abs_factor=float("inf"),
                           max_abs_value=float("inf"))

@@ -79,8 +79,41 @@ class Intervention(BaseModel):
         return self
 
 
+ReadPositions = Literal["all", "prompt", "generated", "last"]
+ReadReduce = Literal["none", "mean", "max", "last"]
+
+
+class ReadSpec(BaseModel):
+    """The ``read`` part of ``kn_steer``: neuron values to send back with the response.
+
+    Neurons: any of named ``sets``, explicit ``neurons`` and whole ``layers`` (their union, each
+    neuron once, ordered by layer then index). ``positions``: ``prompt`` tokens, ``generated``
+    tokens fed back to the model (the last generated token never is), ``last`` (the last prompt
+    token, whose forward pass chooses the first generated token) or ``all``. ``reduce`` over those
+    positions: ``none`` (one row per position), ``mean``, ``max`` or ``last``. Values are read after
+    the request's own steering, exactly what the output projection receives. Semantics and layout:
+    :mod:`kn_steer.steering.read`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sets: Annotated[list[Name], Field(max_length=64)] = Field(default_factory=list)
+    neurons: Annotated[list[tuple[Index, Index]], Field(max_length=SCHEMA_MAX_PAIRS)] | None = None
+    layers: Annotated[list[Index], Field(max_length=4096)] | None = None
+    positions: ReadPositions = "all"
+    reduce: ReadReduce = "none"
+    dtype: Literal["float32", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReadSpec":
+        if not self.sets and not self.neurons and not self.layers:
+            raise ValueError("give the neurons to read: 'sets' (names), 'neurons' ([[layer, index], ...]) "
+                             "and/or 'layers' (whole layers)")
+        return self
+
+
 class SteeringSpec(BaseModel):
-    """The ``kn_steer`` request field: interventions, or an A/B experiment to draw an arm from.
+    """The ``kn_steer`` request field: interventions, or an A/B experiment to draw an arm from, and
+    optionally neuron values to read back (``read``).
 
     ``preset`` names a spec the server keeps (:mod:`kn_steer.steering.presets`); the server expands
     it before compiling, its interventions first, then this spec's own."""
@@ -92,6 +125,7 @@ class SteeringSpec(BaseModel):
     experiment: Name | None = None
     preset: Name | None = None
     unit: Annotated[str, Strict(), Field(max_length=MAX_UNIT_CHARS)] | None = None
+    read: ReadSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "SteeringSpec":

@@ -220,5 +220,14 @@ def test_eager_and_chunked_prefill_match_compiled(llm, tokenizer):
         eager_out = _run(eager, prompts_all, specs_all)
         for a, b in zip(compiled_out, eager_out):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        # read-back through chunked prefill: the long prompt's positions arrive over several steps
+        from kn_steer.serving.readback import read_back
+
+        read = {"read": {"neurons": [[1, 2], [15, 1500], [29, 808]], "positions": "all"}}
+        specs_read = [{**(s or {}), **read} for s in specs]
+        got = [read_back(engine, _run(engine, prompts, specs_read)) for engine in (llm, eager)]
+        for a, b, ids in zip(*got, prompts):
+            assert a.at.tolist() == b.at.tolist() == list(range(len(ids) + 9))
+            torch.testing.assert_close(torch.from_numpy(b.values), torch.from_numpy(a.values), rtol=1e-4, atol=1e-5)
     finally:
         shutdown(eager)

@@ -6,6 +6,7 @@ import json
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -239,3 +240,64 @@ def test_status_endpoint_reports_every_worker(srv):
     assert body["engine"]["self_check"] == "passed"
     (worker,) = body["workers"]
     assert worker["self_check"]["passed"] and worker["runner"].endswith("cpu_model_runner")
+
+
+# ----- read-back (issue #15) ---------------------------------------------------------------------------
+READ = {"neurons": [[2, 5], [11, 3], [29, 808]], "positions": "all"}
+
+
+def test_read_back_non_streaming_matches_offline(client):
+    from kn_steer.serving.readback import decode, read_back
+
+    spec = {**CLAMP, "read": READ}
+    resp = _complete(client, spec, prompt=[PROMPT, "Water boils at"])
+    reads = resp.kn_steer["read"]
+    assert len(reads) == 2 and resp.kn_steer["read"][0]["values"]["dtype"] == "float32"
+    first = decode(reads[0])
+    assert first.neurons.tolist() == READ["neurons"] and first.complete
+    llm = offline_llm()
+    outs = llm.generate([PROMPT], [greedy(10, spec)], use_tqdm=False)
+    (offline,) = read_back(llm, outs)
+    fed = len(outs[0].prompt_token_ids) + len(outs[0].outputs[0].token_ids) - 1
+    assert first.at.tolist() == offline.at.tolist() == list(range(fed))
+    np.testing.assert_allclose(first.values, offline.values, rtol=1e-5, atol=1e-5)
+    assert decode(reads[1]).values.shape[1] == 3
+
+
+def test_read_back_chat_float16_and_reduction(client):
+    from kn_steer.serving.readback import decode
+
+    resp = client.chat.completions.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=5, temperature=0,
+        extra_body={"kn_steer": {"read": {"layers": [29], "positions": "last", "dtype": "float16", "reduce": "max"}}})
+    got = decode(resp.kn_steer["read"][0])
+    assert got.values.dtype == np.float16 and got.values.shape == (1536,) and got.count == 1
+    assert resp.kn_steer["read"][0]["last_position"] == resp.usage.prompt_tokens - 1
+
+
+def test_read_back_rides_the_last_chunk_of_a_stream(srv):
+    from kn_steer.serving.readback import decode
+
+    body = {"model": SERVED_NAME, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True, "ignore_eos": True,
+            "kn_steer": {"read": {**READ, "positions": "generated"}}}
+    with httpx.stream("POST", srv.base_url + "/v1/completions", json=body, timeout=120) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["choices"] == [] and last["id"].startswith("cmpl-")
+    got = decode(last["kn_steer"]["read"][0])
+    assert got.at.tolist() == [5 + i for i in range(5)]  # 5 prompt tokens, 6 generated, 5 fed back
+    text_chunks = [json.loads(l[6:]) for l in lines[:-2]]
+    assert all("read" not in (c.get("kn_steer") or {}) for c in text_chunks)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_read_back_over_the_limit_is_400_before_the_engine(srv, stream):
+    body = {"model": SERVED_NAME, "prompt": PROMPT, "max_tokens": 200, "stream": stream,
+            "kn_steer": {"read": {"layers": list(range(8))}}}
+    resp = _post(srv, "/v1/completions", body)
+    assert resp.status_code == 400, resp.text
+    assert "more than this server's limit of 1000000" in resp.json()["error"]["message"]
+    resp = _post(srv, "/v1/completions", {**body, "n": 2, "kn_steer": {"read": READ}})
+    assert resp.status_code == 400 and "n > 1" in resp.json()["error"]["message"]
+    assert srv.healthy()

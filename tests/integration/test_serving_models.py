@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,20 @@ def generate(llm, max_tokens=8):
             for o in outs]
 
 
+def read_all(llm):
+    """Read neurons on both sides of the TP split (48 | 48) under two specs."""
+    from vllm import SamplingParams
+
+    from kn_steer.serving.readback import read_back
+
+    read = {"neurons": [[l, i] for l in range(3) for i in (0, 1, 47, 48, 50, 95)], "positions": "all"}
+    specs = [{"read": read}, {**SPECS[1], "read": read}, {**SPECS[3], "read": {**read, "reduce": "mean"}}]
+    outs = llm.generate([{"prompt_token_ids": PROMPTS[i]} for i in range(3)],
+                        [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, extra_args={"kn_steer": s})
+                         for s in specs], use_tqdm=False)
+    return read_back(llm, outs)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_family_agrees_with_reference(family, tmp_path, monkeypatch):
     model = build(family, tmp_path / family)
@@ -81,16 +96,23 @@ def test_tensor_parallel_2_matches_tp_1(tmp_path, monkeypatch):
     (tmp_path / "sets").mkdir()
     one = make_llm(tmp_path / "llama", sets=tmp_path / "sets", **ENGINE)
     try:
-        tp1 = generate(one)
+        tp1, read1 = generate(one), read_all(one)
     finally:
         shutdown(one)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     two = make_llm(tmp_path / "llama", sets=tmp_path / "sets", tensor_parallel_size=2, **ENGINE)
     try:
-        tp2 = generate(two)
+        tp2, read2 = generate(two), read_all(two)
     finally:
         shutdown(two)
     assert [t for t, _ in tp2] == [t for t, _ in tp1]
+    # read-back: each rank reads its half of the columns, assembled once == TP=1
+    for a, b in zip(read1, read2):
+        assert a.neurons.tolist() == b.neurons.tolist() and a.count == b.count
+        assert (a.at is None and b.at is None) or a.at.tolist() == b.at.tolist()
+        assert not np.isnan(b.values).any()
+        np.testing.assert_allclose(b.values, a.values, rtol=1e-4, atol=1e-5)
+    assert (read1[1].column(1, 0) == 3.0).all()  # read after the spec's clamp
     k = 0
     for ids in PROMPTS:
         for spec in SPECS:

@@ -43,3 +43,13 @@ def test_presets_flags_become_the_plugins_environment(tmp_path):
         build_command(ServeOptions(sets=tmp_path, presets=presets))
     with pytest.raises(KnSteerError, match="presets file .* does not exist"):
         build_command(ServeOptions(sets=tmp_path, presets=tmp_path / "missing.json"))
+
+
+def test_read_back_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("KN_STEER_READ_BACK", raising=False)
+    _, env = build_command(ServeOptions(sets=tmp_path, max_read_values=5000, read_back=False))
+    assert env["KN_STEER_MAX_READ_VALUES"] == "5000" and env["KN_STEER_READ_BACK"] == "0"
+    _, env = build_command(ServeOptions(sets=tmp_path))
+    assert "KN_STEER_READ_BACK" not in env
+    with pytest.raises(KnSteerError, match="KN_STEER_MAX_READ_VALUES must be between"):
+        build_command(ServeOptions(sets=tmp_path, max_read_values=0))
