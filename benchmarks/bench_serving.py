@@ -12,6 +12,8 @@ One workload (default: 64 requests of 128 random prompt tokens, 64 generated tok
 * (f) ``idle-noread``: plugin loaded with read-back switched off (``KN_STEER_READ_BACK=0``: the
   read op is not in the graph), no request steered: (b) / (f) is what the read op costs requests
   that read nothing;
+* (g) ``watching``: plugin keeping live statistics of a 100-neuron set (``KN_STEER_WATCH``), no
+  request steered: (g) / (b) is the cost of live statistics on all traffic (goal >= 0.98);
 
 and the scaling sweeps (all requests steered): distinct specs per batch (1, 4, 16, 64; 500
 neurons each) and neurons per spec (10 .. every neuron of every layer, one spec).
@@ -54,7 +56,9 @@ CORE = {  # name: (engine, workload, seed slot, label)
     "mixed": ("plugin", {"kind": "mixed"}, 2, "(d) mixed: 8 specs x 100..1500 neurons + 1/9 unsteered"),
     "reading": ("plugin", {"kind": "read", "neurons": 100}, 20, "(e) every request reads 100 neurons, all positions"),
     "idle-noread": ("noread", {"kind": "unsteered"}, 0, "(f) plugin with read-back off, no steering"),
+    "watching": ("watch", {"kind": "unsteered"}, 0, "(g) live statistics of a 100-neuron set, no steering"),
 }
+WATCHED_SET = {"smollm2-135m": "smollm2-135m-relation-P37", "gemma3-270m": None}  # 100 neurons
 HF = ("hf", {"kind": "uniform", "distinct": 1, "neurons": common.STEERED_NEURONS}, 1,
       "transformers generate + pre-hooks, batch 16, steered as (c)")
 
@@ -160,7 +164,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
-    ap.add_argument("--configs", default="plain,idle,steered,mixed,reading,idle-noread",
+    ap.add_argument("--configs", default="plain,idle,steered,mixed,reading,idle-noread,watching",
                     help="comma list of core configurations")
     ap.add_argument("--with-hf", action="store_true",
                     help="also run transformers generate with pre-hooks (bench_hf_hooks.py), once per session")
@@ -320,7 +324,7 @@ def start_engines(needed: set[str], model, shape, args, log: Path) -> dict[str, 
     """Start the engines of one session side by side (each in its own fresh process)."""
     procs: dict[str, common.WorkerProcess] = {}
     base = {"model": model, "shape": shape, "enforce_eager": args.enforce_eager}
-    for name in ("plain", "plugin", "noread", "hf"):
+    for name in ("plain", "plugin", "noread", "watch", "hf"):
         if name not in needed:
             continue
         if name == "hf":
@@ -330,6 +334,10 @@ def start_engines(needed: set[str], model, shape, args, log: Path) -> dict[str, 
             env = engine_env(name != "plain")
             if name == "noread":
                 env["KN_STEER_READ_BACK"] = "0"
+            if name == "watch":
+                if not WATCHED_SET.get(args.model):
+                    raise SystemExit(f"no 100-neuron set to watch on {args.model}: leave 'watching' out of --configs")
+                env["KN_STEER_WATCH"] = WATCHED_SET[args.model]
             procs[name] = common.WorkerProcess(SCRIPT, {**base, "name": name}, env=env, log=log)
     return procs
 
@@ -360,6 +368,8 @@ def build_report(args, machine, model, core, sweep, runs, engines_info, loads, w
             entry["ratio_to_idle_same_engine"] = paired(runs, name, "idle")
         if name == "idle" and "idle-noread" in core:
             entry["ratio_to_read_back_off"] = paired(runs, "idle", "idle-noread")
+        if name == "watching" and "idle" in core:
+            entry["ratio_to_idle"] = paired(runs, "watching", "idle")
         out_core[name] = entry
     scaling: dict[str, Any] = {}
     if sweep:
@@ -418,6 +428,10 @@ def print_report(report: dict[str, Any]) -> None:
     if idle:
         print(f"(b) / (f): what the read op in the graph costs requests that read nothing: {idle.get('median')} "
               f"(per run {idle.get('per_round')})")
+    watching = report["core"].get("watching", {}).get("ratio_to_idle")
+    if watching:
+        print(f"(g) / (b): what live statistics of a 100-neuron set cost all traffic: {watching.get('median')} "
+              f"(per run {watching.get('per_round')}; goal >= 0.98)")
     if report.get("hf_hooks"):
         r = report["hf_hooks"]["ratio_to_vllm_steered"]
         print(f"transformers+hooks / vLLM+plugin (c): {r.get('median')} (per run {r.get('per_round')})")

@@ -51,6 +51,8 @@ class ServeOptions:
     ab_peer_logs: list[Path] = field(default_factory=list)
     max_read_values: int | None = None
     read_back: bool = True
+    watch: list[str] = field(default_factory=list)
+    watch_threshold: float | None = None
 
     def environment(self) -> dict[str, str]:
         env = {}
@@ -64,6 +66,10 @@ class ServeOptions:
                 env[name] = str(value)
         if not self.read_back:
             env["KN_STEER_READ_BACK"] = "0"
+        if self.watch:
+            env["KN_STEER_WATCH"] = ",".join(self.watch)
+        if self.watch_threshold is not None:
+            env["KN_STEER_WATCH_THRESHOLD"] = str(self.watch_threshold)
         return env
 
 
@@ -153,12 +159,14 @@ def register(app: typer.Typer) -> None:
         set_presets: bool = typer.Option(True, "--set-presets/--no-set-presets", help="Serve every neuron set as a preset of its name (MODEL+SET)."),
         max_read_values: Optional[int] = typer.Option(None, "--max-read-values", help="Neuron values one request may read back, rows x neurons (1000000)."),
         read_back: bool = typer.Option(True, "--read-back/--no-read-back", help="Let requests read neuron values back (kn_steer.read)."),
+        watch: list[str] = typer.Option([], "--watch", help="Keep live statistics of this set's neurons per A/B arm (repeatable; 'all': every neuron)."),
+        watch_threshold: Optional[float] = typer.Option(None, "--watch-threshold", help="A watched neuron fires above this value (0)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the vLLM command and exit."),
     ) -> None:
         """Serve MODEL with per-request neuron steering (extra args after `--` go to `vllm serve`)."""
         opts = ServeOptions(model, sets, host, port, max_neurons, max_interventions, max_abs_factor, max_abs_value,
                             slots, bank_mib, experiments, ab_log, list(ctx.args), presets, set_presets, ab_peer_log,
-                            max_read_values, read_back)
+                            max_read_values, read_back, watch, watch_threshold)
         argv, env = build_command(opts)
         if dry_run:
             typer.echo(" ".join(argv))

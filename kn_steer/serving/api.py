@@ -43,6 +43,7 @@ from kn_steer.serving.edge import (
 logger = logging.getLogger("kn_steer.serving")
 SETS_ROUTE = "/v1/kn_steer/sets"
 STATUS_ROUTE = "/v1/kn_steer/status"
+STATS_ROUTE = "/v1/kn_steer/stats"
 STEERED_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
 
@@ -381,6 +382,21 @@ def install_routes(app: Any) -> None:
         return JSONResponse({"object": "kn_steer.status", "engine": getattr(request.app.state, "kn_steer_engine", None),
                              "workers": json.loads(json.dumps(workers, default=str))})
 
+    async def stats(request: Request) -> JSONResponse:
+        """The live statistics of the watched neurons, as a file."""
+        from kn_steer.serving import stats as live
+
+        engine = request.app.state.engine_client
+        try:
+            parts = list(await engine.collective_rpc(live.STATS_METHOD))
+            statuses = list(await engine.collective_rpc("kn_steer_status"))
+        except Exception as exc:  # noqa: BLE001
+            return JSONResponse(status_code=503, content={"error": str(_rpc_failed(exc))})
+        ctx = current_context()
+        width = ctx.shape.intermediate_size if ctx.shape is not None else 1
+        body = await asyncio.to_thread(live.assemble, parts, live.summarize([s.get("stats") for s in statuses]), width)
+        return JSONResponse(body, headers={"Content-Disposition": 'attachment; filename="kn_steer_stats.json"'})
+
     async def post_set(request: Request) -> JSONResponse:
         from kn_steer.serving import runtime_sets
         from kn_steer.serving.endpoints import read_bounded
@@ -421,6 +437,7 @@ def install_routes(app: Any) -> None:
     app.add_api_route(SETS_ROUTE + "/{name}", get_set, methods=["GET"], name="kn_steer_set")
     app.add_api_route(SETS_ROUTE + "/{name}", delete_set, methods=["DELETE"], name="kn_steer_delete_set")
     app.add_api_route(STATUS_ROUTE, status, methods=["GET"], name="kn_steer_status")
+    app.add_api_route(STATS_ROUTE, stats, methods=["GET"], name="kn_steer_stats")
     app.add_middleware(SteeringGuard)
     hooks.install_routes(app)
 

@@ -28,7 +28,7 @@ from vllm.exceptions import VLLMValidationError
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.serving import hooks, wire
 from kn_steer.serving.context import ServingContext, current_context, load_context
-from kn_steer.serving.wire import RAW_KEY, READ_KEY, WIRE_KEY
+from kn_steer.serving.wire import GROUP_KEY, RAW_KEY, READ_KEY, WIRE_KEY
 from kn_steer.steering.compile import compile_spec
 from kn_steer.steering.masks import CompiledSteering
 from kn_steer.steering.presets import expand, with_preset
@@ -149,6 +149,11 @@ def read_status(processor: Any) -> dict[str, Any]:
     return mark.get("read") or {"enabled": False, "reason": "read-back needs a kn-steer engine"}
 
 
+def _watching(processor: Any) -> bool:
+    mark = (getattr(processor.vllm_config, "additional_config", None) or {}).get("kn_steer") or {}
+    return bool((mark.get("stats") or {}).get("enabled"))
+
+
 def _check_read(read: ReadPlan, params: Any, status: dict[str, Any], n_prompt: int, limits: Any) -> None:
     """Refuse a read the engine cannot do or that exceeds the limits (``n_prompt``: 0 = not known yet)."""
     if not status.get("enabled"):
@@ -191,13 +196,15 @@ def wrap_process_inputs(orig):
         extra = getattr(params, "extra_args", None) if isinstance(params, SamplingParams) else None
         if not extra or (RAW_KEY not in extra and WIRE_KEY not in extra):
             return orig(self, request_id, prompt, params, *args, **kwargs)
-        compiled = read = None
+        compiled = read = group = None
         if extra.get(RAW_KEY) is not None:
             try:
                 ctx = bind_context(self)
             except KnSteerError as exc:
                 raise SteeringRequestError(str(exc)) from None
-            _, compiled, _, read = resolve(ctx, extra[RAW_KEY], request_id)
+            _, compiled, info, read = resolve(ctx, extra[RAW_KEY], request_id)
+            if _watching(self):  # drawn at the HTTP edge (the spec is then the arm's), or here offline
+                group = extra.get(GROUP_KEY) or (f"{info['experiment']}/{info['arm']}" if "arm" in info else None)
             if getattr(params, "use_beam_search", False):
                 raise SteeringRequestError("kn_steer cannot be combined with beam search")
             if not compiled.is_identity or read is not None:
@@ -205,7 +212,7 @@ def wrap_process_inputs(orig):
         # vLLM deep-copies offline SamplingParams; hand it a shallow copy without the (possibly
         # 46k-neuron) spec so that copy stays cheap. The caller's params object is not modified.
         light = copy.copy(params)
-        light.extra_args = {k: v for k, v in extra.items() if k not in (RAW_KEY, WIRE_KEY, READ_KEY)} or None
+        light.extra_args = {k: v for k, v in extra.items() if k not in (RAW_KEY, WIRE_KEY, READ_KEY, GROUP_KEY)} or None
         request = orig(self, request_id, prompt, light, *args, **kwargs)
         sp = request.sampling_params
         new_extra = dict(sp.extra_args or {})
@@ -221,8 +228,10 @@ def wrap_process_inputs(orig):
             new_extra[WIRE_KEY] = {**wire.encode(compiled), "read": wire.encode_read(read, key, len(tokens),
                                                                                      int(sp.max_tokens or 1))}
             unique = key if read.reads_prompt else None  # every prompt token computed: none from the cache
-        elif compiled is not None and not compiled.is_identity:
+        elif compiled is not None and (not compiled.is_identity or group is not None):
             new_extra[WIRE_KEY] = wire.encode(compiled)
+        if group is not None:  # the A/B arm its tokens count in, for the live statistics
+            new_extra[WIRE_KEY]["group"] = group
         if WIRE_KEY in new_extra and (unique is not None or not compiled.is_identity):
             request.cache_salt = wire.cache_salt(compiled, request.cache_salt, unique)
         sp.extra_args = new_extra or None
@@ -302,9 +311,11 @@ def wrap_to_sampling_params(orig):
         extras = self.__pydantic_extra__ or {}
         cached = extras.get(INFO_ATTR)
         params = orig(self, *args, **kwargs)
-        extra = {k: v for k, v in (params.extra_args or {}).items() if k not in (WIRE_KEY, RAW_KEY, READ_KEY)}
+        extra = {k: v for k, v in (params.extra_args or {}).items() if k not in (WIRE_KEY, RAW_KEY, READ_KEY, GROUP_KEY)}
         if cached is not None:
             extra[RAW_KEY] = cached[0]
+            if "arm" in cached[1]:
+                extra[GROUP_KEY] = f"{cached[1].get('experiment')}/{cached[1]['arm']}"
         reads = extras.get(READS_ATTR)
         if reads is not None:  # one key per prompt (a completion may have several), in prompt order
             _bound_before_tokens(reads, params)

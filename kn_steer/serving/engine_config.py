@@ -29,6 +29,7 @@ from kn_steer.serving.wire import WIRE_VERSION
 logger = logging.getLogger("kn_steer.serving")
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 FIX = "set KN_STEER_DISABLE=1 to serve this configuration without steering"
+WATCH_ENV_NAME = "KN_STEER_WATCH"
 
 
 class ConfigurationRefused(KnSteerError):
@@ -104,6 +105,25 @@ def read_back(config: Any) -> dict[str, Any]:
         return entry
     entry["enabled"] = True
     return entry
+
+
+def watched(ctx: Any, read: dict[str, Any]) -> dict[str, Any]:
+    """The neurons the workers keep live statistics of (``KN_STEER_WATCH``), resolved against the
+    served sets here so every worker sees the same; refused where the read op cannot run."""
+    settings = load_settings()
+    if not settings.watch:
+        return {"enabled": False}
+    if not read["enabled"] and "CUDA graphs" in read["reason"]:
+        raise ConfigurationRefused(f"kn-steer cannot keep live neuron statistics ({WATCH_ENV_NAME}) here: "
+                                   f"{read['reason']} (or unset {WATCH_ENV_NAME})")
+    if settings.watch == ("all",):
+        return {"enabled": True, "all": True, "threshold": settings.watch_threshold}
+    unknown = [n for n in settings.watch if n not in ctx.registry]
+    if unknown:
+        raise ConfigurationRefused(f"{WATCH_ENV_NAME} names neuron set(s) {unknown} this server does not load "
+                                   f"(known: {', '.join(sorted(ctx.registry)) or 'none'})")
+    sets = {name: [[n.layer, n.index] for n in ctx.registry[name].neurons] for name in settings.watch}
+    return {"enabled": True, "all": False, "threshold": settings.watch_threshold, "sets": sets}
 
 
 def bank_slots(config: Any, num_layers: int, intermediate: int, dtype_bytes: int) -> tuple[int, bool]:
@@ -185,7 +205,9 @@ def wrap_create_engine_config(orig):
                                            + "\n  - ".join(found) + f"\n(or {FIX})")
             dtype_bytes = int(getattr(model_config.dtype, "itemsize", 4))
             slots, admission = bank_slots(config, ctx.shape.num_layers, ctx.shape.intermediate_size, dtype_bytes)
-            entry.update(slots=slots, admission=admission, guard=ctx.limits.max_abs_value, read=read_back(config))
+            read = read_back(config)
+            entry.update(slots=slots, admission=admission, guard=ctx.limits.max_abs_value, read=read,
+                         stats=watched(ctx, read))
             if admission:
                 logger.info("kn-steer: %d mask slots per worker (budget KN_STEER_BANK_MIB); the scheduler admits "
                             "at most %d distinct masks at once", slots, slots - 1)

@@ -3,7 +3,8 @@
 Front end (API server): finished requests by whether they were steered, their steered tokens by
 position kind, and requests refused at the API edge. Engine (refreshed from every worker's
 ``kn_steer_status`` each time ``/metrics`` is scraped): tokens and requests the workers actually
-steered, mask slots in use and available, bank bytes, and whether the self-check passed. Names
+steered, mask slots in use and available, bank bytes, whether the self-check passed, and the live
+statistics of watched neurons per set and A/B arm (:mod:`.stats`). Names
 avoid vLLM's ``vllm:`` prefix (vLLM unregisters its own collectors by prefix).
 """
 
@@ -27,8 +28,8 @@ def _counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
     return _existing(name) or Counter(name, doc, labels)
 
 
-def _gauge(name: str, doc: str) -> Gauge:
-    return _existing(name) or Gauge(name, doc)
+def _gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+    return _existing(name) or Gauge(name, doc, labels)
 
 
 REQUESTS = _counter("kn_steer_requests", "Finished completion/chat requests, by whether kn_steer steered them",
@@ -42,6 +43,11 @@ SLOTS_IN_USE = _gauge("kn_steer_engine_slots_in_use", "Mask slots holding a mask
 SLOTS = _gauge("kn_steer_engine_slot_capacity", "Mask slots per worker, the identity included")
 BANK_BYTES = _gauge("kn_steer_engine_bank_bytes", "Memory of the mask banks, all workers")
 SELF_CHECK = _gauge("kn_steer_engine_self_check_passed", "1 when every worker passed the start-up self-check")
+WATCHED_FIRING = _gauge("kn_steer_watched_firing_rate", "Share of (token, neuron) pairs where a watched set's neuron "
+                        "exceeded the threshold, since start, per A/B arm ('none': outside experiments)", ("set", "arm"))
+WATCHED_MEAN = _gauge("kn_steer_watched_mean_activation", "Mean value of a watched set's neurons per token, since "
+                      "start, per A/B arm", ("set", "arm"))
+WATCHED_TOKENS = _gauge("kn_steer_watched_tokens", "Tokens counted in the live neuron statistics, per A/B arm", ("arm",))
 
 
 def observe_request(info: dict[str, Any] | None, *, error: bool, prompt_tokens: int | None,
@@ -61,6 +67,17 @@ def set_engine(statuses: list[dict[str, Any]]) -> None:
     SELF_CHECK.set(1.0 if steering and all((s.get("self_check") or {}).get("passed") for s in steering) else 0.0)
     if not steering:
         return
+    from kn_steer.serving.stats import summarize
+
+    watched = summarize([s.get("stats") for s in steering])
+    if watched is not None:
+        for arm, count in watched["tokens"].items():
+            WATCHED_TOKENS.labels(arm).set(count)
+        for name, entry in watched["sets"].items():
+            for arm, values in entry["groups"].items():
+                if values["firing_rate"] is not None:
+                    WATCHED_FIRING.labels(name, arm).set(values["firing_rate"])
+                    WATCHED_MEAN.labels(name, arm).set(values["mean_activation"])
     first = steering[0]
     ENGINE_TOKENS.set(first["counters"]["steered_tokens"])
     ENGINE_REQUESTS.set(first["counters"]["steered_requests"])

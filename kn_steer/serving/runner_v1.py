@@ -20,6 +20,8 @@ Patched (class attributes, idempotent; every name is listed in :mod:`kn_steer.se
 * ``Worker.kn_steer_status`` (added): what this worker applied, for ``collective_rpc``.
 * ``Worker.kn_steer_take_reads`` (added): a finished request's read-back values
   (:mod:`kn_steer.serving.ops.neuron_read`), for ``collective_rpc``.
+* ``Worker.kn_steer_stats`` (added): the live statistics of watched neurons
+  (:mod:`kn_steer.serving.ops.neuron_stats`), for ``collective_rpc``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from kn_steer.errors import KnSteerError
 from kn_steer.models.families import adapter_for_config
 from kn_steer.models.sites import site_modules, site_pre_hook
 from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
 from kn_steer.serving.ops.neuron_read import NeuronReader
+from kn_steer.serving.ops.neuron_stats import NeuronStats
 from kn_steer.serving.patching import patch_method
 from kn_steer.serving.wire import WIRE_KEY
 from kn_steer.serving.worker_state import WorkerSteering
@@ -80,9 +85,16 @@ def install(worker: Any) -> WorkerSteering | None:
     max_tokens = int(sched.max_num_batched_tokens) + 2 * int(sched.max_num_seqs) + 64
     op = NeuronMaskOp(sorted(modules), size, offset, int(mark["slots"]), runner.model_config.dtype,
                       runner.device, float(mark["guard"]))
-    read = mark.get("read") or {}
-    reader = (NeuronReader(sorted(modules), offset, size, runner.device, int(read["bytes"]))
-              if read.get("enabled") else None)
+    read, watch = mark.get("read") or {}, mark.get("stats") or {}
+    reader = None
+    if read.get("enabled") or watch.get("enabled"):  # the read op serves both
+        reader = NeuronReader(sorted(modules), offset, size, runner.device, int(read.get("bytes", 0)))
+        if watch.get("enabled"):
+            width = family.intermediate_size(config)
+            sets = None if watch.get("all") else {
+                name: np.asarray(pairs, dtype=np.int64).reshape(-1, 2) @ np.array([width, 1]) for name, pairs in watch["sets"].items()}
+            reader.stats = NeuronStats(sets, sorted(modules), offset, size, width, runner.device, max_tokens,
+                                       float(watch.get("threshold", 0.0)))
     state = WorkerSteering(op, int(mark["slots"]), max_tokens, runner.device, reader)
     for layer, module in modules.items():
         module.requires_unquantized_input = True  # no QuantizedActivation for the hook (vLLM's LoRA does the same)
@@ -148,6 +160,13 @@ def kn_steer_take_reads(self, keys: list[str]) -> dict[str, Any]:
     if state is None or state.reader is None:
         return {}
     return state.reader.take(list(keys))
+
+
+def kn_steer_stats(self) -> dict[str, Any] | None:
+    """This rank's full live statistics of the watched neurons (``collective_rpc``), or None."""
+    state = state_of(self.model_runner)
+    stats = state.stats if state is not None else None
+    return stats.full() if stats is not None else None
 
 
 def patch_worker(module: Any) -> None:

@@ -14,6 +14,8 @@ stops start-up with a message naming the variable.
 | ``KN_STEER_MAX_READ_VALUES`` | neuron values one request may read back (positions x neurons) | 1000000 |
 | ``KN_STEER_READ_BACK=0`` | no read-back (the read hook is then not traced into the graph) | on |
 | ``KN_STEER_READ_MIB`` | memory per worker for read-back values not yet fetched | 1024 |
+| ``KN_STEER_WATCH`` | live statistics of these sets' neurons (comma list), or ``all`` neurons | none |
+| ``KN_STEER_WATCH_THRESHOLD`` | a watched neuron *fires* when its value exceeds this | 0 |
 | ``KN_STEER_MAX_SPEC_BYTES`` | largest body of a request that carries ``kn_steer`` | 4 MiB |
 | ``KN_STEER_COMPILE_CACHE_MIB`` | memory for compiled specs in the API server | 256 |
 | ``KN_STEER_BANK_MIB`` | memory for mask slots per worker | 256 |
@@ -45,6 +47,7 @@ ENV_DISABLE = "KN_STEER_DISABLE"
 PRESETS_ENV = "KN_STEER_PRESETS"
 SET_PRESETS_ENV = "KN_STEER_SET_PRESETS"
 READ_BACK_ENV = "KN_STEER_READ_BACK"
+WATCH_ENV = "KN_STEER_WATCH"
 _MAX_DOSE_SETTING = 1e30  # a float32 product of such a dose and an activation stays finite
 
 
@@ -60,6 +63,8 @@ class ServingSettings(BaseModel):
     max_read_values: int = DEFAULT_MAX_READ_VALUES
     read_back: bool = True
     read_bytes: int = 1 << 30
+    watch: tuple[str, ...] = ()  # set names, or ("all",)
+    watch_threshold: float = 0.0
     max_abs_factor: float | None = None  # None: the served dtype's default
     max_abs_value: float | None = None
     max_spec_bytes: int = 4 << 20
@@ -133,4 +138,11 @@ def load_settings() -> ServingSettings:
         fields["presets_file"] = path.resolve()
     fields["set_presets"] = _switch(SET_PRESETS_ENV, True)
     fields["read_back"] = _switch(READ_BACK_ENV, True)
+    watch = tuple(dict.fromkeys(n.strip() for n in os.environ.get(WATCH_ENV, "").split(",") if n.strip()))
+    if "all" in watch and len(watch) > 1:
+        raise KnSteerError(f"${WATCH_ENV}: 'all' watches every neuron; give it alone, got {os.environ[WATCH_ENV]!r}")
+    fields["watch"] = watch
+    threshold = _number("KN_STEER_WATCH_THRESHOLD", float, -1e30, 1e30)
+    if threshold is not None:
+        fields["watch_threshold"] = threshold
     return ServingSettings(sets_dir=default_sets_dir(), sets_dir_explicit=bool(os.environ.get(SETS_ENV)), **fields)

@@ -19,6 +19,7 @@ from kn_steer.steering.read import ReadPlan
 RAW_KEY = "kn_steer"
 WIRE_KEY = "kn_steer_compiled"
 READ_KEY = "kn_steer_read_key"  # the API edge's key under which the workers keep a request's reads
+GROUP_KEY = "kn_steer_group"  # the A/B arm the API edge drew (live statistics count per arm)
 WIRE_VERSION = "kn-steer-3"
 SALT_PREFIX = "kn-steer:"
 

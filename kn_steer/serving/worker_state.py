@@ -58,6 +58,10 @@ class WorkerSteering:
         self.self_check: dict[str, Any] | None = None
         self.hooks: dict[int, tuple[Any, Any, Any]] = {}  # layer -> (module, hook, handle)
 
+    @property
+    def stats(self):
+        return self.reader.stats if self.reader is not None else None
+
     # ----- the layer math (called by the site hooks, traced into the graph) -------------------
     def apply(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         y = self.op.apply(layer, x, self.token_slots[: x.shape[0]])
@@ -75,6 +79,8 @@ class WorkerSteering:
         self.counters.requests_seen += 1
         if wire is None:
             return
+        if self.stats is not None:
+            self.stats.add(req_id, wire.get("group"))
         read = decode_read(wire)
         if read is not None and self.reader is not None:
             self.reader.add(req_id, *read)
@@ -97,6 +103,8 @@ class WorkerSteering:
         self._seen.discard(req_id)
         if self.reader is not None:
             self.reader.finish(req_id)
+        if self.stats is not None:
+            self.stats.remove(req_id)
         state = self._requests.pop(req_id, None)
         if state is None:
             return
@@ -118,6 +126,8 @@ class WorkerSteering:
         num_reqs = len(req_ids)
         if self.reader is not None:
             self.reader.plan(req_ids, num_scheduled, num_computed)
+        if self.stats is not None:
+            self.stats.plan(req_ids, num_scheduled)
         steered = [(i, self._requests[r]) for i, r in enumerate(req_ids) if r in self._requests]
         if not steered:
             if self._high_water:
@@ -167,6 +177,7 @@ class WorkerSteering:
             "slots": {"capacity": self.table.capacity, "in_use": self.table.in_use, "masks_known": self.table.known},
             "bank_bytes": self.op.nbytes,
             "read_back": self.reader.status() if self.reader is not None else None,
+            "stats": self.stats.summary() if self.stats is not None else None,
             "active_requests": self.active_requests,
             "counters": dict(vars(self.counters)),
         }

@@ -36,6 +36,7 @@ ARMS = [  # name, spec, weight (sets from serving_helpers.TEST_SETS)
     ("silence", {"interventions": [{"set": "t-silence"}]}, 2.0),
 ]
 PROMPT = "The capital of France is"
+WATCHED = ("t-boost", "t-clamp")
 _AB_DIR = Path(tempfile.mkdtemp(prefix="kn-steer-ab-test-"))
 atexit.register(shutil.rmtree, _AB_DIR, True)  # registered before the server's stop: runs after it
 CONFIG_PATH = _AB_DIR / "experiments.json"
@@ -59,9 +60,10 @@ def write_config(path: Path, arms=ARMS) -> Path:
 @contextmanager
 def ab_env(config: Path, log: Path):
     serving_helpers.write_presets(PRESETS_PATH, AB_PRESETS)
-    names = ("KN_STEER_EXPERIMENTS", "KN_STEER_AB_LOG", "KN_STEER_PRESETS")
+    names = ("KN_STEER_EXPERIMENTS", "KN_STEER_AB_LOG", "KN_STEER_PRESETS", "KN_STEER_WATCH")
     saved = {k: os.environ.get(k) for k in names}
     os.environ["KN_STEER_EXPERIMENTS"], os.environ["KN_STEER_AB_LOG"] = str(config), str(log)
+    os.environ["KN_STEER_WATCH"] = ",".join(WATCHED)  # live statistics of two sets, per arm
     os.environ["KN_STEER_PRESETS"] = str(PRESETS_PATH)
     try:
         yield
@@ -359,3 +361,69 @@ def test_a_set_an_arm_names_cannot_be_deleted(ab_server):
     resp = httpx.delete(srv.base_url + "/v1/kn_steer/sets/t-silence", timeout=30)
     assert resp.status_code == 409, resp.text
     assert "experiment 'ab-test' arm 'silence'" in resp.json()["error"]["message"]
+
+
+def _stats(srv) -> dict:
+    resp = httpx.get(srv.base_url + "/v1/kn_steer/stats", timeout=60)
+    assert resp.status_code == 200 and "attachment" in resp.headers["content-disposition"]
+    return resp.json()
+
+
+def _table(stats: dict, key: str):
+    import base64
+
+    import numpy as np
+
+    obj = stats[key]
+    return np.frombuffer(base64.b64decode(obj["data"]), dtype=obj["dtype"]).reshape(obj["shape"])
+
+
+def test_live_statistics_per_arm_equal_the_values_read_back(ab_server):
+    """Per arm, the watched neurons' counts grow by exactly what read-back returns for the same
+    requests: every token computed, after the arm's steering."""
+    import numpy as np
+
+    from kn_steer.serving.readback import decode
+
+    srv, _ = ab_server
+    weights = [w for *_, w in ARMS]
+    units = {}
+    for k in range(200):
+        arm = ARMS[assign(EXPERIMENT, weights, f"stats-{k}")[0]][0]
+        units.setdefault(arm, f"stats-{k}")
+        if len(units) == len(ARMS):
+            break
+    before = _stats(srv)
+    assert before["enabled"] and before["threshold"] == 0.0
+    neurons = _table(before, "neurons").tolist()
+    reads = {}
+    for arm in ("boost", "control"):
+        resp = srv.client().completions.create(
+            model=serving_helpers.SERVED_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
+            extra_body={"kn_steer": {"experiment": EXPERIMENT, "unit": units[arm],
+                                     "read": {"sets": list(WATCHED), "positions": "all"}}})
+        assert resp.kn_steer["arm"] == arm
+        reads[arm] = decode(resp.kn_steer["read"][0])
+    after = _stats(srv)
+    assert _table(after, "neurons").tolist() == neurons == reads["boost"].neurons.tolist()
+    for arm, got in reads.items():
+        label = f"{EXPERIMENT}/{arm}"
+        g_after = after["groups"].index(label)
+        t_before = before["tokens"][before["groups"].index(label)] if label in before["groups"] else 0
+        t_after = after["tokens"][g_after]
+        assert t_after - t_before == got.values.shape[0]  # prompt + generated - 1 tokens computed
+        sums_after = _table(after, "mean")[g_after].astype(np.float64) * t_after
+        sums_before = (_table(before, "mean")[before["groups"].index(label)].astype(np.float64) * t_before
+                       if t_before else 0.0)
+        np.testing.assert_allclose(sums_after - sums_before, got.values.sum(0), rtol=1e-3, atol=1e-3)
+        fires_after = _table(after, "fire_rate")[g_after].astype(np.float64) * t_after
+        fires_before = (_table(before, "fire_rate")[before["groups"].index(label)].astype(np.float64) * t_before
+                        if t_before else 0.0)
+        np.testing.assert_allclose(fires_after - fires_before, (got.values > 0).sum(0), atol=1e-2)
+    # the boost arm scales t-boost's neurons by 3: its mean activation there is not the control's
+    summary = after["sets"]["t-boost"]["groups"]
+    assert summary[f"{EXPERIMENT}/boost"]["mean_activation"] != summary[f"{EXPERIMENT}/control"]["mean_activation"]
+    metrics = httpx.get(srv.base_url + "/metrics", timeout=30).text
+    assert re.search(r'kn_steer_watched_firing_rate\{arm="ab-test/boost",set="t-boost"\} [0-9.e-]+', metrics), \
+        [line for line in metrics.splitlines() if "watched" in line][:10]
+    assert re.search(r'kn_steer_watched_tokens\{arm="ab-test/control"\} [1-9]', metrics)

@@ -136,3 +136,35 @@ def test_gemma_eager_with_chunked_prefill_matches_compiled(compiled, gemma, tmp_
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
     finally:
         shutdown(eager)
+
+
+def test_gemma_read_back_equals_the_reference(compiled, gemma):
+    """Read-back on Gemma: values at every position of a prompt longer than the sliding window,
+    under a prompt-position clamp, equal the transformers activations after steering."""
+    import numpy as np
+
+    from kn_steer.models.families import ModelShape
+    from kn_steer.models.sites import hook_site, remove_hooks
+    from kn_steer.serving.readback import read_back
+    from kn_steer.steering.compile import compile_spec
+    from kn_steer.steering.reference import steer
+
+    _, model, tokenizer = gemma
+    neurons = [[0, 1], [5, 3], [5, 1000], [11, 2047], [17, 6]]
+    spec = {**SPECS["clamp-prompt"], "read": {"neurons": neurons, "positions": "all"}}
+    ids = _ids(tokenizer, PROMPTS[2])
+    (out,) = _run(compiled, [ids], [spec])
+    (got,) = read_back(compiled, [out])
+    fed = ids + list(out.outputs[0].token_ids)[:-1]
+    seen = {}
+    compiled_spec = compile_spec(spec, {}, ModelShape.from_config(model.config))
+    with steer(model, compiled_spec, prompt_length=len(ids)), torch.no_grad():
+        handles = hook_site(model, lambda layer, rows: seen.__setitem__(layer, rows.detach().float().clone()))
+        try:
+            model(torch.tensor([fed]))
+        finally:
+            remove_hooks(handles)
+    want = np.stack([seen[l][:, i].numpy() for l, i in neurons], 1)
+    assert got.at.tolist() == list(range(len(fed))) and len(ids) > 512
+    np.testing.assert_allclose(got.values, want, rtol=1e-3, atol=2e-4)
+    assert (got.column(5, 3)[: len(ids)] == 2.0).all() and not (got.column(5, 3)[len(ids):] == 2.0).any()

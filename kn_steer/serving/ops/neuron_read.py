@@ -18,7 +18,8 @@ Values wait in the worker until the API server takes them (:meth:`take`, through
 are dropped ``ttl_s`` after their request finished, and the memory held is bounded (``budget``:
 a request that does not fit gets an error in its read instead of values).
 
-Under tensor parallelism each rank reads its own slice of neurons; the API server assembles the
+The same op feeds the live statistics of watched neurons (:mod:`.neuron_stats`), when the server
+keeps them. Under tensor parallelism each rank reads its own slice of neurons; the API server assembles the
 columns (:mod:`kn_steer.serving.readback`). CUDA graphs would replay the op's kernels without the
 Python callback, so read-back is off where vLLM captures graphs (:mod:`kn_steer.serving.engine_config`).
 """
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from kn_steer.serving.ops.neuron_stats import NeuronStats
 from kn_steer.steering.read import ReadPlan
 
 _READERS: dict[int, "NeuronReader"] = {}
@@ -41,8 +43,12 @@ _READERS: dict[int, "NeuronReader"] = {}
 def read_neurons(x: torch.Tensor, layer: int, reader: int) -> None:
     """Record this step's reading requests' values of ``layer`` (``x``: the canonical ``[rows, units]``)."""
     found = _READERS.get(reader)
-    if found is not None and found.step:
+    if found is None:
+        return
+    if found.step:
         found.record(layer, x)
+    if found.stats is not None and found.stats.n_tokens:
+        found.stats.record(layer, x)
 
 
 @read_neurons.register_fake
@@ -68,7 +74,9 @@ class ReadState:
     next_position: int = 0
     finished_at: float | None = None
     error: str | None = None
-    step_rows: list[tuple[torch.Tensor, np.ndarray]] = field(default_factory=list)
+    neurons_key: bytes = b""  # requests reading the same neurons are gathered together
+    step_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # this step's batch rows
+    step_dest: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # their rows in ``values``
 
     @property
     def nbytes(self) -> int:
@@ -90,6 +98,8 @@ class NeuronReader:
         self.by_request: dict[str, ReadState] = {}
         self.by_key: dict[str, ReadState] = {}
         self.step: list[ReadState] = []
+        self.batches: list[tuple[dict[int, tuple[torch.Tensor, np.ndarray]], torch.Tensor, list[tuple[ReadState, slice]]]] = []
+        self.stats: NeuronStats | None = None  # live statistics ride the same op
         self.id = id(self)
         _READERS[self.id] = self
 
@@ -106,7 +116,8 @@ class NeuronReader:
             cols = np.flatnonzero(layers == layer)  # positions within this rank's columns
             units = plan.indices[local[cols]].astype(np.int64) - self.offset
             columns[int(layer)] = (torch.from_numpy(units).to(self.device), cols)
-        state = ReadState(key, plan, n_prompt, rows, columns, int(local.size), local.astype(np.int32))
+        state = ReadState(key, plan, n_prompt, rows, columns, int(local.size), local.astype(np.int32),
+                          neurons_key=plan.layers.tobytes() + plan.indices.tobytes())
         self.by_request[req_id] = state
         self.by_key[key] = state
 
@@ -147,7 +158,7 @@ class NeuronReader:
     # ----- per step ---------------------------------------------------------------------------
     def plan(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray) -> None:
         """Which rows of this step each reading request wants (host side, before the forward)."""
-        self.step = []
+        self.step, self.batches = [], []
         if not self.by_request:
             return
         start = 0
@@ -164,27 +175,40 @@ class NeuronReader:
                     if state.values is None:
                         self._allocate(state)
                     if state.values is not None:
-                        index = torch.from_numpy(start + np.flatnonzero(keep)).to(self.device)
-                        state.step_rows = [(index, rows[keep])]
+                        state.step_index, state.step_dest = start + np.flatnonzero(keep), rows[keep]
                         state.last_position = int(positions[keep][-1])
                         state.count += int(keep.sum())
                         if state.filled is not None:
                             state.filled[rows[keep]] = True
                         self.step.append(state)
             start += count
+        self._batch()
+
+    def _batch(self) -> None:
+        """Group this step's reading requests by the neurons they read: one gather per group and layer."""
+        groups: dict[bytes, list[ReadState]] = {}
+        for state in self.step:
+            groups.setdefault(state.neurons_key, []).append(state)
+        self.batches = []
+        for members in groups.values():
+            bounds = np.cumsum([0] + [m.step_index.size for m in members])
+            index = torch.from_numpy(np.concatenate([m.step_index for m in members])).to(self.device)
+            self.batches.append((members[0].columns, index,
+                                 [(m, slice(int(a), int(b))) for m, a, b in zip(members, bounds[:-1], bounds[1:])]))
 
     def record(self, layer: int, x: torch.Tensor) -> None:
         """Gather this layer's values for every reading request of the step (called by the op)."""
-        for state in self.step:
-            found = state.columns.get(layer)
+        for columns, index, members in self.batches:
+            found = columns.get(layer)
             if found is None:
                 continue
             units, cols = found
-            for index, rows in state.step_rows:
-                got = x.index_select(0, index).index_select(1, units).float().cpu().numpy()
+            gathered = x.index_select(0, index).index_select(1, units).float().cpu().numpy()
+            for state, rows in members:
+                got = gathered[rows]
                 reduce = state.plan.reduce
                 if reduce == "none":
-                    state.values[np.ix_(rows, cols)] = got
+                    state.values[np.ix_(state.step_dest, cols)] = got
                 elif reduce == "mean":
                     state.values[cols] += got.sum(0, dtype=np.float64)
                 elif reduce == "max":
@@ -193,7 +217,9 @@ class NeuronReader:
                     state.values[cols] = got[-1]
 
     def end_step(self) -> None:
-        self.step = []
+        self.step, self.batches = [], []
+        if self.stats is not None:
+            self.stats.n_tokens = 0  # a later dummy run counts nothing
 
     # ----- the start-up self-check's probe ----------------------------------------------------
     PROBE_KEY = "__kn_steer_self_check__"
@@ -208,13 +234,14 @@ class NeuronReader:
         self._allocate(state)
         if state.values is None:
             raise RuntimeError(state.error)
-        state.step_rows = [(torch.arange(tokens, device=self.device), np.arange(tokens))]
+        state.step_index, state.step_dest = np.arange(tokens), np.arange(tokens)
         self.step = [state]
+        self._batch()
         return state
 
     def end_probe(self, state: ReadState) -> np.ndarray:
         """What the probe read ([tokens, neurons]); the probe is gone afterwards."""
-        self.step = []
+        self.step, self.batches = [], []
         values = state.values.copy()
         self._drop(state)
         return values

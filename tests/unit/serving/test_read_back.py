@@ -166,3 +166,25 @@ def test_read_back_is_off_where_cuda_graphs_would_replay_the_op(monkeypatch, dev
     if not enabled:
         assert ("--enforce-eager" in entry["reason"]) == (env is None)
         assert ("KN_STEER_READ_BACK=0" in entry["reason"]) == (env == "0")
+
+
+def test_requests_reading_the_same_neurons_share_one_gather(ranks):
+    plan = _plan("all")
+    for r in ranks:
+        for req in ("a", "b"):
+            r.add(req, f"k-{req}", plan, n_prompt=2, rows=plan.rows(2, 2))
+        r.add("c", "k-c", _plan("all", "max"), n_prompt=2, rows=2)
+    probe = NeuronReader(LAYERS, 0, 4, "cpu", 1 << 20)  # planning advances positions: look on a copy
+    try:
+        for req in ("a", "b", "c"):
+            probe.add(req, f"p-{req}", plan, n_prompt=2, rows=2)
+        probe.plan(["a", "x", "b", "c"], np.array([2, 3, 2, 2]), np.array([0, 0, 0, 0]))
+        assert [len(m) for _, _, m in probe.batches] == [3]  # one gather for the three
+        assert probe.batches[0][1].tolist() == [0, 1, 5, 6, 7, 8]
+    finally:
+        probe.close()
+    truth = _run(ranks, [(["a", "x", "b", "c"], [2, 3, 2, 2], [0, 0, 0, 0])])[0]
+    for req, first in (("a", 0), ("b", 5)):
+        got = _take(ranks, f"k-{req}")
+        want = np.stack([truth[int(l)][first:first + 2, int(u)].numpy() for l, u in zip(plan.layers, plan.indices)], 1)
+        np.testing.assert_array_equal(got.values, want)

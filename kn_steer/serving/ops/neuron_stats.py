@@ -1,0 +1,133 @@
+"""Live statistics of watched neurons over all traffic, per group of requests (A/B arm).
+
+The server watches chosen sets' neurons (``KN_STEER_WATCH=set1,set2``) or, opt-in, every neuron
+(``KN_STEER_WATCH=all``). For every token the workers compute, in the same read op as read-back
+(:mod:`kn_steer.serving.ops.neuron_read`), each watched neuron's value after steering is
+accumulated into its request's group: how often it exceeds the threshold
+(``KN_STEER_WATCH_THRESHOLD``, default 0: a gated neuron's value is positive), the sum of its
+values and its maximum. A request's group is its A/B experiment and arm (``experiment/arm``);
+every other request counts in ``none``. At most :data:`MAX_GROUPS` groups are kept; later ones
+count in ``other``.
+
+Counts are per token computed: a position recomputed after a preemption counts again (rare, and
+live statistics are rates). Under tensor parallelism each rank keeps its own columns; the API
+server adds ranks' summaries and assembles the full table (:mod:`kn_steer.serving.stats`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+MAX_GROUPS = 64
+NONE_GROUP = "none"
+OTHER_GROUP = "other"
+
+
+class NeuronStats:
+    """This worker's running statistics (see the module docstring)."""
+
+    def __init__(self, watched: dict[str, np.ndarray] | None, layers: Sequence[int], offset: int, local_size: int,
+                 width: int, device: torch.device | str, max_tokens: int, threshold: float = 0.0):
+        """``watched``: set name -> flat neuron ids (``layer * width + index``); None: every neuron."""
+        self.device = torch.device(device)
+        self.threshold = float(threshold)
+        self.all_neurons = watched is None
+        self.sets = {name: np.asarray(ids, dtype=np.int64) for name, ids in (watched or {}).items()}
+        union = (np.unique(np.concatenate(list(self.sets.values()))) if self.sets else np.zeros(0, np.int64))
+        # this rank's columns, per layer: (local unit tensor or None for the whole layer, flat ids)
+        self.columns: dict[int, tuple[torch.Tensor | None, np.ndarray]] = {}
+        for layer in layers:
+            if self.all_neurons:
+                self.columns[layer] = (None, layer * width + offset + np.arange(local_size))
+                continue
+            ids = union[(union // width == layer) & (union % width >= offset) & (union % width < offset + local_size)]
+            if ids.size:
+                self.columns[layer] = (torch.from_numpy(ids % width - offset).to(self.device), ids)
+        shape = lambda layer: (MAX_GROUPS, self.columns[layer][1].size)  # noqa: E731
+        self.fires = {l: torch.zeros(shape(l), dtype=torch.float64, device=self.device) for l in self.columns}
+        self.sums = {l: torch.zeros(shape(l), dtype=torch.float64, device=self.device) for l in self.columns}
+        self.maxes = {l: torch.full(shape(l), -torch.inf, dtype=torch.float32, device=self.device) for l in self.columns}
+        self.tokens = np.zeros(MAX_GROUPS, dtype=np.int64)
+        self.groups: dict[str, int] = {NONE_GROUP: 0}
+        self.by_request: dict[str, int] = {}
+        self.token_groups = torch.zeros(max_tokens, dtype=torch.long, device=self.device)
+        self._host = np.zeros(max_tokens, dtype=np.int64)
+        self.n_tokens = 0
+
+    @property
+    def width(self) -> int:
+        return int(sum(ids.size for _, ids in self.columns.values()))
+
+    def group_of(self, label: str | None) -> int:
+        if not label:
+            return 0
+        if label not in self.groups:
+            if len(self.groups) >= MAX_GROUPS - 1:
+                label = OTHER_GROUP
+            self.groups.setdefault(label, len(self.groups))
+        return self.groups[label]
+
+    # ----- requests and steps -------------------------------------------------------------------
+    def add(self, req_id: str, label: str | None) -> None:
+        gid = self.group_of(label)
+        if gid:
+            self.by_request[req_id] = gid
+
+    def remove(self, req_id: str) -> None:
+        self.by_request.pop(req_id, None)
+
+    def plan(self, req_ids: Sequence[str], num_scheduled: np.ndarray) -> None:
+        """Each scheduled token's group, in batch order (host side, before the forward)."""
+        counts = np.asarray(num_scheduled[: len(req_ids)], dtype=np.int64)
+        total = int(counts.sum())
+        gids = np.fromiter((self.by_request.get(r, 0) for r in req_ids), np.int64, len(req_ids))
+        self._host[:total] = np.repeat(gids, counts)
+        self.token_groups[:total].copy_(torch.from_numpy(self._host[:total]), non_blocking=True)
+        np.add.at(self.tokens, gids, counts)
+        self.n_tokens = total
+
+    def record(self, layer: int, x: torch.Tensor) -> None:
+        found = self.columns.get(layer)
+        if found is None or not self.n_tokens:
+            return
+        units, _ = found
+        rows = x[: self.n_tokens]
+        values = (rows if units is None else rows.index_select(1, units)).float()
+        groups = self.token_groups[: self.n_tokens]
+        self.fires[layer].index_add_(0, groups, (values > self.threshold).double())
+        self.sums[layer].index_add_(0, groups, values.double())
+        self.maxes[layer].scatter_reduce_(0, groups[:, None].expand_as(values), values, "amax")
+
+    # ----- read by the API server ---------------------------------------------------------------
+    def _table(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        ids = np.concatenate([self.columns[l][1] for l in sorted(self.columns)]) if self.columns else np.zeros(0, np.int64)
+        used = len(self.groups)
+
+        def cat(d: dict[int, torch.Tensor]) -> np.ndarray:
+            if not d:
+                return np.zeros((used, 0))
+            return torch.cat([d[l][:used] for l in sorted(d)], 1).cpu().numpy()
+
+        return ids, {"fires": cat(self.fires), "sums": cat(self.sums), "maxes": cat(self.maxes)}
+
+    def summary(self) -> dict[str, Any]:
+        """Per watched set and group: summed fire counts and values over this rank's share of the set."""
+        ids, table = self._table()
+        groups = sorted(self.groups, key=self.groups.get)
+        out: dict[str, Any] = {"groups": groups, "tokens": self.tokens[: len(groups)].tolist(),
+                               "threshold": self.threshold, "neurons": int(ids.size), "sets": {}}
+        for name, members in self.sets.items():
+            mine = np.isin(ids, members)
+            out["sets"][name] = {"neurons": int(mine.sum()), "fires": table["fires"][:, mine].sum(1).tolist(),
+                                 "sums": table["sums"][:, mine].sum(1).tolist()}
+        return out
+
+    def full(self) -> dict[str, Any]:
+        """Every watched neuron's counts per group (this rank's columns), as little-endian bytes."""
+        ids, table = self._table()
+        groups = sorted(self.groups, key=self.groups.get)
+        return {"groups": groups, "tokens": self.tokens[: len(groups)].tolist(), "threshold": self.threshold,
+                "ids": ids.astype("<i8").tobytes(), **{k: v.astype("<f8").tobytes() for k, v in table.items()}}

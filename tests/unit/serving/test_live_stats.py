@@ -1,0 +1,104 @@
+"""Live statistics of watched neurons, driven step by step without an engine: two tensor-parallel
+ranks, requests in three groups, known activations; the API server's summaries and full table
+must equal what numpy computes from the same values."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+
+from kn_steer.serving import stats as live
+from kn_steer.serving.ops.neuron_read import NeuronReader
+from kn_steer.serving.ops.neuron_stats import MAX_GROUPS, NeuronStats
+
+WIDTH, LAYERS = 8, [0, 1]
+SETS = {"s1": np.array([0 * WIDTH + 1, 1 * WIDTH + 6]), "s2": np.array([1 * WIDTH + 6, 1 * WIDTH + 2, 0 * WIDTH + 5])}
+
+
+def _ranks(watched=SETS, threshold=0.5):
+    readers = []
+    for offset in (0, 4):
+        reader = NeuronReader(LAYERS, offset, 4, "cpu", budget=1 << 20)
+        reader.stats = NeuronStats(watched, LAYERS, offset, 4, WIDTH, "cpu", max_tokens=64, threshold=threshold)
+        readers.append(reader)
+    return readers
+
+
+def _decode(obj):
+    return np.frombuffer(base64.b64decode(obj["data"]), dtype=obj["dtype"]).reshape(obj["shape"])
+
+
+def _drive(readers, steps, rng):
+    """Run steps [(req_ids, num_scheduled)]; returns per-layer activation rows with their group label."""
+    seen = []
+    for req_ids, scheduled in steps:
+        rows = int(sum(scheduled)) + 2  # padding rows are never counted
+        acts = {l: torch.from_numpy(rng.normal(size=(rows, WIDTH)).astype(np.float32)) for l in LAYERS}
+        labels = [r for r, n in zip(req_ids, scheduled) for _ in range(n)]
+        seen.append((acts, labels))
+        for reader in readers:
+            reader.stats.plan(req_ids, np.array(scheduled))
+            for layer in LAYERS:
+                torch.ops.kn_steer.read_neurons(acts[layer][:, reader.offset: reader.offset + 4].clone(), layer, reader.id)
+            reader.end_step()
+    return seen
+
+
+def test_summaries_and_table_equal_numpy_per_group():
+    readers = _ranks()
+    try:
+        for r in readers:
+            r.stats.add("a1", "exp/a")
+            r.stats.add("a2", "exp/a")
+            r.stats.add("b1", "exp/b")
+            r.stats.add("plain", None)
+        rng = np.random.default_rng(0)
+        seen = _drive(readers, [(["a1", "plain", "b1"], [3, 2, 4]), (["a2", "a1"], [5, 1]), (["b1", "plain"], [1, 1])], rng)
+        group = {"a1": "exp/a", "a2": "exp/a", "b1": "exp/b", "plain": "none"}
+        values = {g: {l: [] for l in LAYERS} for g in ("none", "exp/a", "exp/b")}
+        for acts, labels in seen:
+            for k, req in enumerate(labels):
+                for l in LAYERS:
+                    values[group[req]][l].append(acts[l][k].numpy())
+        summary = live.summarize([r.stats.summary() for r in readers])
+        assert summary["tokens"] == {"none": 3, "exp/a": 9, "exp/b": 5}
+        for name, ids in SETS.items():
+            for g in ("none", "exp/a", "exp/b"):
+                vals = np.concatenate([np.stack(values[g][int(i) // WIDTH])[:, [int(i) % WIDTH]] for i in ids], 1)
+                got = summary["sets"][name]["groups"][g]
+                assert got["firing_rate"] == pytest.approx((vals > 0.5).mean())
+                assert got["mean_activation"] == pytest.approx(vals.mean(), rel=1e-6)
+        table = live.assemble([r.stats.full() for r in readers], summary, WIDTH)
+        neurons = _decode(table["neurons"]).tolist()
+        assert neurons == [[0, 1], [0, 5], [1, 2], [1, 6]] and table["groups"] == ["none", "exp/a", "exp/b"]
+        for g_index, g in enumerate(table["groups"]):
+            for col, (l, i) in enumerate(neurons):
+                vals = np.stack(values[g][l])[:, i]
+                assert _decode(table["fire_rate"])[g_index, col] == pytest.approx((vals > 0.5).mean())
+                assert _decode(table["mean"])[g_index, col] == pytest.approx(vals.mean(), rel=1e-5)
+                assert _decode(table["max"])[g_index, col] == pytest.approx(vals.max())
+        for r in readers:
+            r.stats.remove("a1")
+        assert "a1" not in readers[0].stats.by_request
+    finally:
+        for r in readers:
+            r.close()
+
+
+def test_every_neuron_and_group_overflow():
+    readers = _ranks(watched=None, threshold=0.0)
+    try:
+        for k in range(MAX_GROUPS + 5):
+            for r in readers:  # every rank sees every request
+                r.stats.add(f"r{k}", f"exp/arm{k}")
+        assert len(readers[0].stats.groups) == MAX_GROUPS and "other" in readers[0].stats.groups
+        _drive(readers, [(["r0"], [4])], np.random.default_rng(1))
+        table = live.assemble([r.stats.full() for r in readers], None, WIDTH)
+        assert _decode(table["neurons"]).shape == (len(LAYERS) * WIDTH, 2)
+        assert live.assemble([None], None, WIDTH)["enabled"] is False
+    finally:
+        for r in readers:
+            r.close()
