@@ -58,17 +58,22 @@ def _set_arrays(ns: NeuronSet) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return arrays
 
 
+def lookup_set(sets: Mapping[str, NeuronSet], name: str, where: str) -> NeuronSet:
+    """A served set by name; the error says whether it exists for another model."""
+    if name not in sets:
+        other = getattr(sets, "others", {}).get(name)
+        if other is not None:
+            raise SpecError(f"{where}: neuron set {name!r} was found on model {other!r}, not on the "
+                            "model this server serves")
+        known = ", ".join(sorted(sets)) or "none loaded"
+        raise SpecError(f"{where}: unknown neuron set {name!r} (known: {known})")
+    return sets[name]
+
+
 def _targets(iv: Intervention, where: str, sets: Mapping[str, NeuronSet], shape: ModelShape):
     """(layers, indices, per-neuron factors, per-neuron values, set) of one intervention, validated."""
     if iv.set is not None:
-        if iv.set not in sets:
-            other = getattr(sets, "others", {}).get(iv.set)
-            if other is not None:
-                raise SpecError(f"{where}.set: neuron set {iv.set!r} was found on model {other!r}, not on the "
-                                "model this server serves")
-            known = ", ".join(sorted(sets)) or "none loaded"
-            raise SpecError(f"{where}.set: unknown neuron set {iv.set!r} (known: {known})")
-        ns = sets[iv.set]
+        ns = lookup_set(sets, iv.set, f"{where}.set")
         return (*_set_arrays(ns), ns)
     pairs = np.asarray(iv.neurons or [], dtype=np.int64).reshape(-1, 2)
     layers, indices = pairs[:, 0], pairs[:, 1]

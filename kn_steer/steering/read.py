@@ -26,6 +26,7 @@ from kn_steer.errors import SpecError
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import NeuronSet
 from kn_steer.steering.limits import RequestLimits
+from kn_steer.steering.compile import lookup_set
 from kn_steer.steering.spec import ReadPositions, ReadReduce, ReadSpec
 
 
@@ -85,14 +86,7 @@ def compile_read(read: ReadSpec, sets: Mapping[str, NeuronSet], shape: ModelShap
     width = shape.intermediate_size
     parts: list[np.ndarray] = []
     for k, name in enumerate(read.sets):
-        if name not in sets:
-            other = getattr(sets, "others", {}).get(name)
-            if other is not None:
-                raise SpecError(f"{where}.sets[{k}]: neuron set {name!r} was found on model {other!r}, not on "
-                                "the model this server serves")
-            known = ", ".join(sorted(sets)) or "none loaded"
-            raise SpecError(f"{where}.sets[{k}]: unknown neuron set {name!r} (known: {known})")
-        ns = sets[name]
+        ns = lookup_set(sets, name, f"{where}.sets[{k}]")
         parts.append(np.fromiter((n.layer * width + n.index for n in ns.neurons), np.int64, len(ns.neurons)))
     if read.neurons:
         pairs = np.asarray(read.neurons, dtype=np.int64).reshape(-1, 2)
