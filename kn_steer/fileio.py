@@ -23,13 +23,19 @@ def _usual_mode(fd: int) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    data = text.encode("utf-8")
+    return atomic_write_bytes(path, lambda handle: handle.write(data))
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: Any) -> Path:
+    """Write a binary file through ``write(handle)`` into a temporary file and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     _usual_mode(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -18,6 +18,7 @@ _AREAS = (
     "kn_steer.cli.inspect",
     "kn_steer.cli.vocabulary",
     "kn_steer.cli.analysis",
+    "kn_steer.cli.stats",
     "kn_steer.cli.localize",
     "kn_steer.cli.eval",
     "kn_steer.cli.serve",

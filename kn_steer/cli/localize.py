@@ -105,6 +105,10 @@ def _common(method: Method) -> list[inspect.Parameter]:
             help="With --workers: an existing Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of "
                  "a local one started for the run.")),
     }
+    if "vllm" in getattr(method, "backends", ()):
+        options["backend"] = (Literal["hf", "vllm"], typer.Option(
+            "hf", "--backend", help="Where the activation pass runs: hf (transformers hooks) or vllm (the serving "
+                                    "engine's read-back, same neurons and token ids)."))
     if isinstance(method, WeightMethod):  # reads the weights only: no data, nothing to shard or chunk
         for name in DATA_OPTIONS:
             options.pop(name)
@@ -113,7 +117,7 @@ def _common(method: Method) -> list[inspect.Parameter]:
 
 
 DATA_OPTIONS = ("data", "data_format", "limit", "step_chunk", "workers", "address")
-COMMON = {p.name for p in _common(next(m for m in METHODS.values() if not isinstance(m, WeightMethod)))}
+COMMON = {p.name for m in METHODS.values() for p in _common(m)}
 
 # ------------------------------------------------------------------------------ method options
 
@@ -181,6 +185,9 @@ def _run(method: Method, values: dict[str, Any]) -> None:
     data, out = common["data"], common["out"]
     workers, address = common["workers"], common["address"]
     _check_workers(method, workers, address, common["device_map"])
+    backend = common["backend"] or "hf"
+    if backend == "vllm" and common["device_map"] is not None:
+        raise KnSteerError("--backend vllm runs the model in vLLM; leave out --device-map")
     data_format = common["data_format"] or (method.format_names[0] if method.format_names else None)
     if isinstance(method, ExampleMethod):
         loaded = method.load(data, data_format, common["limit"])
@@ -203,13 +210,23 @@ def _run(method: Method, values: dict[str, Any]) -> None:
                                dtype=common["dtype"], device="cuda" if gpu else common["device"])
         scorer = RayScorer(loader, workers, address, gpu=gpu)
     command = localize_command(method.name, params, data, data_format, out, model=common["model"],
-                               dtype=common["dtype"], limit=common["limit"], name=common["name"])
-    neuron_set = run_localization(
-        method, params, loaded, hf_model, tokenizer, ref, out,
-        RunInfo(name=common["name"] or _default_name(out), data_file=None if data is None else str(data),
-                description=common["description"], command=command),
-        step_chunk=common["step_chunk"], progress=common["progress"], scorer=scorer, config=config,
-    )
+                               dtype=common["dtype"], limit=common["limit"], name=common["name"], backend=backend)
+    engine = None
+    if backend == "vllm":
+        from kn_steer.activations.engine import ActivationEngine
+
+        engine = ActivationEngine(common["model"], dtype=common["dtype"])
+    try:
+        neuron_set = run_localization(
+            method, params, loaded, hf_model, tokenizer, ref, out,
+            RunInfo(name=common["name"] or _default_name(out), data_file=None if data is None else str(data),
+                    description=common["description"], command=command),
+            step_chunk=common["step_chunk"], progress=common["progress"], scorer=scorer, config=config,
+            activations=engine,
+        )
+    finally:
+        if engine is not None:
+            engine.close()
     where = f"; per-example results: {examples_path(out)}" if isinstance(method, ExampleMethod) else ""
     source = {"example": "examples", "corpus": "corpus prompts"}.get(method.kind)
     read = f" from {neuron_set.provenance.examples} {source}" if source else " from the weights"

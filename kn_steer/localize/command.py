@@ -48,7 +48,7 @@ def model_argument(ref: Any) -> str:
 
 def localize_command(method: str, params: BaseModel, data: str | Path | None, format: str | None, out: str | Path,
                      *, model: str = DEFAULT_MODEL, dtype: str = "float32", limit: int | None = None,
-                     name: str | None = None) -> str:
+                     name: str | None = None, backend: str = "hf") -> str:
     """The shell command that reruns this localization (paths as given; no data for a weights method)."""
     args: list[Any] = ["kn-steer", "localize", method]
     if data is not None:
@@ -60,6 +60,8 @@ def localize_command(method: str, params: BaseModel, data: str | Path | None, fo
         args += ["--model", model]
     if dtype != "float32":
         args += ["--dtype", dtype]
+    if backend != "hf":
+        args += ["--backend", backend]
     if name is not None:
         args += ["--name", name]
     args += ["--out", str(out)]

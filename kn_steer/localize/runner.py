@@ -224,6 +224,7 @@ def run_localization(
     checkpoint: str | os.PathLike | None = None,
     scorer: ExampleScorer | None = None,
     config: Any = None,
+    activations: Any = None,
 ) -> NeuronSet:
     """Run ``method`` on ``data`` (a list of examples, a corpus, or None for a weights method),
     select, write the set.
@@ -231,7 +232,9 @@ def run_localization(
     ``checkpoint``: a per-example checkpoint of the caller's own (a protocol's) to read and extend;
     it is left where it is. By default the checkpoint lives next to ``out`` (see module doc).
     ``scorer``: who computes pending examples (default: this process on ``model``); a scorer that
-    holds the model elsewhere lets ``model`` be None, with ``config`` the model's config."""
+    holds the model elsewhere lets ``model`` be None, with ``config`` the model's config.
+    ``activations``: an :class:`kn_steer.activations.engine.ActivationEngine` for a corpus method
+    whose ``backends`` include ``vllm``."""
     spec = get_method(method) if isinstance(method, str) else method
     out = Path(out)
     if out.suffix != ".json":
@@ -240,7 +243,10 @@ def run_localization(
         raise KnSteerError(f"method {spec.name!r} is a corpus method (one pass over the corpus): "
                            "it runs in one process, without workers")
     config = config if config is not None else model.config
-    ctx = Context(model=model, tokenizer=tokenizer, step_chunk=step_chunk, progress=progress)
+    if activations is not None and "vllm" not in getattr(spec, "backends", ()):
+        raise KnSteerError(f"method {spec.name!r} computes with transformers only (no vllm backend)")
+    ctx = Context(model=model, tokenizer=tokenizer, step_chunk=step_chunk, progress=progress,
+                  activations=activations)
     metrics: dict[str, Any] = {}
     if isinstance(spec, ExampleMethod):
         partial = Path(checkpoint) if checkpoint is not None else checkpoint_path(out)

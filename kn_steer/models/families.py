@@ -126,6 +126,10 @@ class ModelShape:
     num_layers: int
     intermediate_size: int
 
+    @property
+    def num_neurons(self) -> int:
+        return self.num_layers * self.intermediate_size
+
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
         adapter = adapter_for_config(config)

@@ -42,13 +42,13 @@ def summarize(summaries: Sequence[dict[str, Any] | None]) -> dict[str, Any] | No
     return out
 
 
-def assemble(parts: Sequence[dict[str, Any] | None], summary: dict[str, Any] | None, width: int) -> dict[str, Any]:
-    """The full table from every rank's ``full()``: columns of all ranks, sorted by (layer, index)."""
+def tables(parts: Sequence[dict[str, Any] | None]) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, np.ndarray]] | None:
+    """Every rank's ``full()`` put together: (groups, tokens per group, flat neuron ids sorted,
+    ``{"fires", "sums", "maxes"}`` as ``[groups, neurons]`` float64); None: nothing is watched."""
     ranks = [p for p in parts if p]
     if not ranks:
-        return {"object": "kn_steer.stats", "enabled": False,
-                "message": "this server keeps no live neuron statistics (start it with --watch SET or KN_STEER_WATCH)"}
-    groups, tokens = ranks[0]["groups"], np.asarray(ranks[0]["tokens"], dtype=np.float64)
+        return None
+    groups, tokens = ranks[0]["groups"], np.asarray(ranks[0]["tokens"], dtype=np.int64)
     ids = np.concatenate([np.frombuffer(p["ids"], "<i8") for p in ranks])
     order = np.argsort(ids, kind="stable")
 
@@ -56,14 +56,23 @@ def assemble(parts: Sequence[dict[str, Any] | None], summary: dict[str, Any] | N
         cols = [np.frombuffer(p[key], "<f8").reshape(len(groups), -1) for p in ranks]
         return np.concatenate(cols, 1)[:, order]
 
+    return list(groups), tokens, ids[order], {key: table(key) for key in ("fires", "sums", "maxes")}
+
+
+def assemble(parts: Sequence[dict[str, Any] | None], summary: dict[str, Any] | None, width: int) -> dict[str, Any]:
+    """The full table from every rank's ``full()``: columns of all ranks, sorted by (layer, index)."""
+    found = tables(parts)
+    if found is None:
+        return {"object": "kn_steer.stats", "enabled": False,
+                "message": "this server keeps no live neuron statistics (start it with --watch SET or KN_STEER_WATCH)"}
+    groups, tokens, ids, table = found
     per_token = np.where(tokens[:, None] > 0, tokens[:, None], np.nan)
-    ids = ids[order]
     return {
-        "object": "kn_steer.stats", "enabled": True, "threshold": ranks[0]["threshold"], "groups": groups,
-        "tokens": tokens.astype(np.int64).tolist(),
+        "object": "kn_steer.stats", "enabled": True, "threshold": next(p for p in parts if p)["threshold"],
+        "groups": groups, "tokens": tokens.tolist(),
         "neurons": _array(np.stack([ids // width, ids % width], 1).astype(np.int32)),
-        "fire_rate": _array((table("fires") / per_token).astype(np.float32)),
-        "mean": _array((table("sums") / per_token).astype(np.float32)),
-        "max": _array(table("maxes").astype(np.float32)),
+        "fire_rate": _array((table["fires"] / per_token).astype(np.float32)),
+        "mean": _array((table["sums"] / per_token).astype(np.float32)),
+        "max": _array(table["maxes"].astype(np.float32)),
         "sets": (summary or {}).get("sets", {}),
     }

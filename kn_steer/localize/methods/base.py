@@ -73,6 +73,9 @@ class Context:
     tokenizer: Any
     step_chunk: int | None = None
     progress: bool = False
+    #: where a corpus method that supports it reads activations instead of transformers hooks: an
+    #: :class:`kn_steer.activations.engine.ActivationEngine` (vLLM, the serving path's read op)
+    activations: Any = None
 
 
 def parse_params(name: str, model: type[BaseModel], values: Mapping[str, Any]) -> BaseModel:
@@ -147,6 +150,8 @@ class CorpusMethod(_Parameterized):
     accumulate: Callable[[Context, Any, Any], CorpusStats]
     select: Callable[[CorpusStats, Any], Selection]
     formats: tuple[str, ...] = ()
+    #: where its activation pass can run: ``hf`` (transformers hooks) and, if listed, ``vllm``
+    backends: tuple[str, ...] = ("hf",)
 
     @property
     def format_names(self) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ from kn_steer.localize.ranking import label_ap, top_flat
 from kn_steer.localize.recorder import last_token_activations
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import Neuron, Operation
+from kn_steer.tokens import prompt_ids
 
 
 class RelationCorpus(BaseModel):
@@ -91,8 +92,12 @@ def accumulate(ctx: Context, corpus: RelationCorpus, params: RelationParams) -> 
     bar = None
     if ctx.progress:
         bar = tqdm(total=len(corpus.prompts), desc="relation activations", unit="prompt")
-    acts = last_token_activations(ctx.model, ctx.tokenizer, corpus.prompts, params.batch_size,
-                                  progress=bar.update if bar is not None else None)
+    step = bar.update if bar is not None else None
+    if ctx.activations is not None:  # vLLM: read back at each prompt's last token
+        rows = [prompt_ids(ctx.tokenizer, p) for p in corpus.prompts]
+        acts = ctx.activations.last_token_activations(rows, progress=step)
+    else:
+        acts = last_token_activations(ctx.model, ctx.tokenizer, corpus.prompts, params.batch_size, progress=step)
     if bar is not None:
         bar.close()
     positives = sum(r == params.relation for r in corpus.relations)
@@ -116,5 +121,5 @@ def select(stats: CorpusStats, params: RelationParams) -> Selection:
 RELATION = CorpusMethod(
     name="relation", description="relation-specific neurons (average precision, Liu et al. 2024)",
     params_model=RelationParams, corpus_model=RelationCorpus, load_corpus=load_corpus,
-    accumulate=accumulate, select=select, formats=("pararel",),
+    accumulate=accumulate, select=select, formats=("pararel",), backends=("hf", "vllm"),
 )

@@ -9,6 +9,10 @@ values and its maximum. A request's group is its A/B experiment and arm (``exper
 every other request counts in ``none``. At most :data:`MAX_GROUPS` groups are kept; later ones
 count in ``other``.
 
+Per step and layer the step's tokens are reduced per group first (float32: a sum over one step's
+tokens, a few thousand at most; one matrix product when the step mixes groups), then added into
+the float64 totals, so the cost per layer is one pass over the watched values.
+
 Counts are per token computed: a position recomputed after a preemption counts again (rare, and
 live statistics are rates). Under tensor parallelism each rank keeps its own columns; the API
 server adds ranks' summaries and assembles the full table (:mod:`kn_steer.serving.stats`).
@@ -56,6 +60,10 @@ class NeuronStats:
         self.token_groups = torch.zeros(max_tokens, dtype=torch.long, device=self.device)
         self._host = np.zeros(max_tokens, dtype=np.int64)
         self.n_tokens = 0
+        # this step's groups: one (its index) or several (their indices and a [groups, tokens] one-hot)
+        self.step_single: int | None = None
+        self.step_groups = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.step_onehot = torch.zeros(0, 0, device=self.device)
 
     @property
     def width(self) -> int:
@@ -88,6 +96,12 @@ class NeuronStats:
         self.token_groups[:total].copy_(torch.from_numpy(self._host[:total]), non_blocking=True)
         np.add.at(self.tokens, gids, counts)
         self.n_tokens = total
+        present = np.unique(gids[counts > 0])
+        self.step_single = int(present[0]) if present.size == 1 else None
+        if present.size > 1:
+            onehot = (self._host[None, :total] == present[:, None]).astype(np.float32)
+            self.step_groups = torch.from_numpy(present).to(self.device)
+            self.step_onehot = torch.from_numpy(onehot).to(self.device)
 
     def record(self, layer: int, x: torch.Tensor) -> None:
         found = self.columns.get(layer)
@@ -96,9 +110,17 @@ class NeuronStats:
         units, _ = found
         rows = x[: self.n_tokens]
         values = (rows if units is None else rows.index_select(1, units)).float()
+        fired = values > self.threshold
+        g = self.step_single
+        if g is not None:  # the usual step: every token in one group
+            self.fires[layer][g] += fired.sum(0)
+            self.sums[layer][g] += values.sum(0)
+            torch.maximum(self.maxes[layer][g], values.amax(0), out=self.maxes[layer][g])
+            return
+        onehot = self.step_onehot
+        self.fires[layer].index_add_(0, self.step_groups, (onehot @ fired.float()).double())
+        self.sums[layer].index_add_(0, self.step_groups, (onehot @ values).double())
         groups = self.token_groups[: self.n_tokens]
-        self.fires[layer].index_add_(0, groups, (values > self.threshold).double())
-        self.sums[layer].index_add_(0, groups, values.double())
         self.maxes[layer].scatter_reduce_(0, groups[:, None].expand_as(values), values, "amax")
 
     # ----- read by the API server ---------------------------------------------------------------

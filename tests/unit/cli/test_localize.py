@@ -41,6 +41,20 @@ def test_help_shows_only_the_methods_own_options() -> None:
     assert "--relation" in relation and "--top-k" not in relation and "--facts-per-relation" in relation
     listing = runner.invoke(app, ["localize", "--help"]).output
     assert all(name in listing for name in METHODS)
+    # only methods whose activation pass can run in vLLM offer --backend
+    assert "--backend" in relation and "--backend" not in ircan
+
+
+def test_vllm_backend_is_recorded_and_checked() -> None:
+    method = METHODS["relation"]
+    params = method.parse_params({"relation": "P36"})
+    command = localize_command("relation", params, "d", "pararel", "o.json", backend="vllm")
+    assert command.endswith("--backend vllm --out o.json")
+    assert parse_localize_command(command)[1]["backend"] == "vllm"
+    assert "--backend" not in localize_command("relation", params, "d", "pararel", "o.json")
+    bad = _cli("localize", "relation", "--relation", "P36", "--data", "d", "--out", "o.json", "--backend", "vllm",
+               "--device-map", "auto")
+    assert bad.returncode == 2 and "--backend vllm runs the model in vLLM" in bad.stderr
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -56,7 +56,8 @@ def test_summaries_and_table_equal_numpy_per_group():
             r.stats.add("b1", "exp/b")
             r.stats.add("plain", None)
         rng = np.random.default_rng(0)
-        seen = _drive(readers, [(["a1", "plain", "b1"], [3, 2, 4]), (["a2", "a1"], [5, 1]), (["b1", "plain"], [1, 1])], rng)
+        seen = _drive(readers, [(["a1", "plain", "b1"], [3, 2, 4]), (["a2", "a1"], [5, 1]), (["b1", "plain"], [1, 1]),
+                                (["a2", "a1"], [4, 0])], rng)  # the last step: one group only
         group = {"a1": "exp/a", "a2": "exp/a", "b1": "exp/b", "plain": "none"}
         values = {g: {l: [] for l in LAYERS} for g in ("none", "exp/a", "exp/b")}
         for acts, labels in seen:
@@ -64,7 +65,7 @@ def test_summaries_and_table_equal_numpy_per_group():
                 for l in LAYERS:
                     values[group[req]][l].append(acts[l][k].numpy())
         summary = live.summarize([r.stats.summary() for r in readers])
-        assert summary["tokens"] == {"none": 3, "exp/a": 9, "exp/b": 5}
+        assert summary["tokens"] == {"none": 3, "exp/a": 13, "exp/b": 5}
         for name, ids in SETS.items():
             for g in ("none", "exp/a", "exp/b"):
                 vals = np.concatenate([np.stack(values[g][int(i) // WIDTH])[:, [int(i) % WIDTH]] for i in ids], 1)
