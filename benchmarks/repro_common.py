@@ -83,3 +83,27 @@ def log(message: str) -> None:
 
 def data_dir() -> Path:
     return shared_data_dir()
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (the drivers write PNGs, never windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def publish(result: dict, out: Path, script: str, argv: list[str] | None, plot=None, table=None) -> dict:
+    """Record the command in ``result``, write it atomically with its PNG, print its table."""
+    from kn_steer.fileio import atomic_write_json
+
+    result["command"] = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    atomic_write_json(out, result)
+    if plot is not None:
+        plot(result, out.with_suffix(".png"))
+    if table is not None:
+        table(result)
+    log(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plot is not None else ""))
+    return result

@@ -12,11 +12,10 @@ result is only replaced with --force. Per-fact localization and effects are cach
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from repro_common import add_common, data_dir, log, output_path, setup_threads
+from repro_common import add_common, data_dir, log, output_path, publish, setup_threads
 
 from kn_steer.eval.cache import default_cache
 from kn_steer.eval.protocols.knowledge import (
@@ -24,7 +23,7 @@ from kn_steer.eval.protocols.knowledge import (
     KnowledgeConfig,
     KnowledgeProtocol,
 )
-from kn_steer.fileio import atomic_savefig, atomic_write_json
+from kn_steer.fileio import atomic_savefig
 from kn_steer.models import load_hf_model, resolve_model
 
 
@@ -90,12 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tok = load_hf_model(ref)
     log(f"knowledge neurons on {folder}: {config.facts} known facts over {len(config.relations)} relations")
     result = KnowledgeProtocol(model, tok, ref, folder, config, default_cache("knowledge")).run()
-    result["command"] = "python benchmarks/repro_knowledge_neurons.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    atomic_write_json(out, result)
-    plot(result, out.with_suffix(".png"))
-    print_table(result)
-    log(f"wrote {out} and {out.with_suffix('.png')}")
-    return result
+    return publish(result, out, "repro_knowledge_neurons.py", argv, plot, print_table)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ published result is only replaced with --force. Attributions and effects are cac
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from repro_common import add_common, data_dir, log, output_path, setup_threads
+from repro_common import add_common, data_dir, log, output_path, publish, setup_threads
 
 from kn_steer.eval.cache import default_cache
 from kn_steer.eval.protocols.query_localization import QL_RELATIONS, RULES, QueryLocalizationConfig, protocol
-from kn_steer.fileio import atomic_savefig, atomic_write_json
+from kn_steer.fileio import atomic_savefig
 from kn_steer.models import load_hf_model, resolve_model
 
 PAIRS = {"same_fact_other_template": "same fact,\nother template", "other_fact_same_template": "other fact,\nsame template",
@@ -120,12 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tok = load_hf_model(ref)
     log(f"query localization on {folder}: {config.facts} known facts, {config.paraphrases} paraphrases each")
     result = protocol(model, tok, ref, folder, config, default_cache("knowledge")).run()
-    result["command"] = "python benchmarks/repro_query_localization.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    atomic_write_json(out, result)
-    plot(result, out.with_suffix(".png"))
-    print_table(result)
-    log(f"wrote {out} and {out.with_suffix('.png')}")
-    return result
+    return publish(result, out, "repro_query_localization.py", argv, plot, print_table)
 
 
 if __name__ == "__main__":

@@ -78,16 +78,54 @@ class VLLMEvaluator:
         encoded = [e for e in items if isinstance(e, EncodedItem)]
         if len(encoded) != len(items):
             encoded = encode_items(self.tokenizer, items)  # type: ignore[arg-type]
-        extra = None
-        if spec is not None:
-            raw = json.loads(spec.model_dump_json(exclude_none=True)) if isinstance(spec, SteeringSpec) else dict(spec)
-            extra = {"kn_steer": raw}
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=_extra(spec))
         rows, where = choice_rows(encoded, calibrate)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
         logprobs = [[0.0] + [out.prompt_logprobs[pos][tok].logprob for pos, tok in enumerate(out.prompt_token_ids) if pos]
                     for out in outputs]  # the first token has no log-probability
         return item_scores(encoded, where, logprobs, calibrate)
+
+
+def _extra(spec: SteeringSpec | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    return {"kn_steer": json.loads(spec.model_dump_json(exclude_none=True)) if isinstance(spec, SteeringSpec) else dict(spec)}
+
+
+def generate(llm: Any, tokenizer: Any, prompts: Sequence[str], specs: Sequence[Any], max_tokens: int,
+             stop: Sequence[str] | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (tokenized as :func:`kn_steer.tokens.prompt_ids`), each
+    under its own spec (None: unsteered), all in one batch: requests with different interventions
+    run side by side, as on a server."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kn_steer.tokens import prompt_ids
+
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=list(stop or []) or None,
+                             extra_args=_extra(spec)) for spec in specs]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tokenizer, p)) for p in prompts], params,
+                           use_tqdm=False)
+    return [o.outputs[0].text for o in outputs]
+
+
+def continuation_logprobs(llm: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str],
+                          specs: Sequence[Any]) -> list[float]:
+    """Total log-probability of each continuation's tokens after its prompt, each under its own spec."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kn_steer.tokens import continuation_ids, prompt_ids
+
+    rows, starts = [], []
+    for prompt, cont in zip(prompts, continuations):
+        head = prompt_ids(tokenizer, prompt)
+        rows.append(head + continuation_ids(tokenizer, cont))
+        starts.append(len(head))
+    params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=_extra(spec)) for spec in specs]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
+    return [float(sum(out.prompt_logprobs[pos][tok].logprob for pos, tok in enumerate(row) if pos >= start))
+            for out, row, start in zip(outputs, rows, starts)]
 
 
 def choice_rows(encoded: Sequence[EncodedItem], calibrate: bool) -> tuple[list[list[int]], list[tuple[int, int, int, int]]]:

@@ -383,13 +383,16 @@ def install_routes(app: Any) -> None:
                              "workers": json.loads(json.dumps(workers, default=str))})
 
     async def stats(request: Request) -> JSONResponse:
-        """The live statistics of the watched neurons, as a file."""
+        """The live statistics of the watched neurons, as a file (``POST .../reset``: and zero them)."""
         from kn_steer.serving import stats as live
 
         engine = request.app.state.engine_client
+        reset = request.method == "POST"
         try:
-            parts = list(await engine.collective_rpc(live.STATS_METHOD))
+            # the per-set summaries come from the workers' status: asked first, before a reset zeroes
+            # them (they may then miss the tokens of a step or two that the table has)
             statuses = list(await engine.collective_rpc("kn_steer_status"))
+            parts = list(await engine.collective_rpc(live.STATS_METHOD, args=(reset,)))
         except Exception as exc:  # noqa: BLE001
             return JSONResponse(status_code=503, content={"error": str(_rpc_failed(exc))})
         ctx = current_context()
@@ -438,6 +441,7 @@ def install_routes(app: Any) -> None:
     app.add_api_route(SETS_ROUTE + "/{name}", delete_set, methods=["DELETE"], name="kn_steer_delete_set")
     app.add_api_route(STATUS_ROUTE, status, methods=["GET"], name="kn_steer_status")
     app.add_api_route(STATS_ROUTE, stats, methods=["GET"], name="kn_steer_stats")
+    app.add_api_route(STATS_ROUTE + "/reset", stats, methods=["POST"], name="kn_steer_stats_reset")
     app.add_middleware(SteeringGuard)
     hooks.install_routes(app)
 

@@ -162,11 +162,17 @@ def kn_steer_take_reads(self, keys: list[str]) -> dict[str, Any]:
     return state.reader.take(list(keys))
 
 
-def kn_steer_stats(self) -> dict[str, Any] | None:
-    """This rank's full live statistics of the watched neurons (``collective_rpc``), or None."""
+def kn_steer_stats(self, reset: bool = False) -> dict[str, Any] | None:
+    """This rank's full live statistics of the watched neurons (``collective_rpc``), or None;
+    ``reset``: then zero them, in the same call (no token falls between the two)."""
     state = state_of(self.model_runner)
     stats = state.stats if state is not None else None
-    return stats.full() if stats is not None else None
+    if stats is None:
+        return None
+    table = stats.full()
+    if reset:
+        stats.reset()
+    return table
 
 
 def patch_worker(module: Any) -> None:

@@ -106,7 +106,8 @@ PATCHES: tuple[Patch, ...] = (
     Patch("vllm.v1.worker.gpu_worker", "Worker.kn_steer_take_reads", f"{_V1}:kn_steer_take_reads",
           "hand a finished request's read-back values to the API server (collective_rpc)", add=True),
     Patch("vllm.v1.worker.gpu_worker", "Worker.kn_steer_stats", f"{_V1}:kn_steer_stats",
-          "the live statistics of watched neurons for GET /v1/kn_steer/stats (collective_rpc)", add=True),
+          "the live statistics of watched neurons for GET /v1/kn_steer/stats, zeroed after POST .../reset "
+          "(collective_rpc)", add=True),
     Patch("vllm.v1.worker.cpu_worker", "CPUWorker.compile_or_warm_up_model", f"{_V1}:_wrap_compile_or_warm_up",
           "the CPU worker overrides it"),
     Patch("vllm.v1.worker.cpu_worker", "CPUWorker.wake_up", f"{_V1}:_wrap_wake_up", "the CPU worker overrides it"),

@@ -427,3 +427,17 @@ def test_live_statistics_per_arm_equal_the_values_read_back(ab_server):
     assert re.search(r'kn_steer_watched_firing_rate\{arm="ab-test/boost",set="t-boost"\} [0-9.e-]+', metrics), \
         [line for line in metrics.splitlines() if "watched" in line][:10]
     assert re.search(r'kn_steer_watched_tokens\{arm="ab-test/control"\} [1-9]', metrics)
+
+
+def test_statistics_reset_returns_the_interval_and_zeroes_it(ab_server):
+    import numpy as np
+
+    srv, _ = ab_server
+    srv.client().completions.create(model=serving_helpers.SERVED_NAME, prompt=PROMPT, max_tokens=3, temperature=0)
+    resp = httpx.post(srv.base_url + "/v1/kn_steer/stats/reset", timeout=60)
+    assert resp.status_code == 200, resp.text
+    taken = resp.json()
+    assert taken["enabled"] and sum(taken["tokens"]) > 0  # the interval just closed
+    after = _stats(srv)
+    assert after["groups"] == taken["groups"] and sum(after["tokens"]) == 0
+    assert np.isnan(_table(after, "fire_rate")).all()  # no token counted yet in any group

@@ -147,6 +147,16 @@ class NeuronStats:
                                  "sums": table["sums"][:, mine].sum(1).tolist()}
         return out
 
+    def reset(self) -> None:
+        """Zero every count (a new measuring interval). Groups keep their labels and indices, so
+        requests in flight go on counting in their own group."""
+        for table in (self.fires, self.sums):
+            for t in table.values():
+                t.zero_()
+        for t in self.maxes.values():
+            t.fill_(-torch.inf)
+        self.tokens[:] = 0
+
     def full(self) -> dict[str, Any]:
         """Every watched neuron's counts per group (this rank's columns), as little-endian bytes."""
         ids, table = self._table()

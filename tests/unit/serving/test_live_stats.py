@@ -103,3 +103,27 @@ def test_every_neuron_and_group_overflow():
     finally:
         for r in readers:
             r.close()
+
+
+def test_reset_zeroes_counts_and_keeps_groups():
+    readers = _ranks()
+    try:
+        for r in readers:
+            r.stats.add("a1", "exp/a")
+        rng = np.random.default_rng(1)
+        _drive(readers, [(["a1"], [3])], rng)
+        before = readers[0].stats.full()
+        assert before["tokens"][1] == 3
+        for r in readers:
+            r.stats.reset()
+        after = readers[0].stats.full()
+        assert after["groups"] == before["groups"] and after["tokens"] == [0, 0]
+        assert not np.frombuffer(after["fires"], "<f8").any() and np.isneginf(np.frombuffer(after["maxes"], "<f8")).all()
+        seen = _drive(readers, [(["a1"], [2])], rng)  # counting goes on in the same group
+        table = live.assemble([r.stats.full() for r in readers], None, WIDTH)
+        assert table["tokens"] == [0, 2]
+        acts = seen[0][0]
+        np.testing.assert_allclose(_decode(table["max"])[1, 0], acts[0][:2, 1].max().item(), rtol=1e-6)
+    finally:
+        for r in readers:
+            r.close()
