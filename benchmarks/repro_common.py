@@ -107,3 +107,12 @@ def publish(result: dict, out: Path, script: str, argv: list[str] | None, plot=N
         table(result)
     log(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plot is not None else ""))
     return result
+
+
+def add_fact_options(parser: argparse.ArgumentParser, relations: list[str], facts: int = 200) -> None:
+    """The known-fact options of the knowledge-neuron drivers (same defaults: their caches serve each other)."""
+    parser.add_argument("--data", type=Path, default=None, help="PARAREL folder (default ../shared/data/pararel)")
+    parser.add_argument("--relations", nargs="+", default=relations)
+    parser.add_argument("--facts", type=int, default=facts, help="known facts to localize (round-robin over relations)")
+    parser.add_argument("--scan", type=int, default=400, help="facts screened per relation")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per random control and fact")

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from repro_common import add_common, data_dir, log, output_path, publish, pyplot, setup_threads
+from repro_common import add_common, add_fact_options, data_dir, log, output_path, publish, pyplot, setup_threads
 
 from kn_steer.eval.cache import default_cache
 from kn_steer.eval.protocols.degenerate import DegenerateConfig, DegenerateProtocol
@@ -70,11 +70,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None, help="PARAREL folder (default ../shared/data/pararel)")
-    p.add_argument("--relations", nargs="+", default=DEFAULT_RELATIONS)
-    p.add_argument("--facts", type=int, default=200)
-    p.add_argument("--scan", type=int, default=400)
-    p.add_argument("--seeds", type=int, default=5, help="matched random sets per fact")
+    add_fact_options(p, DEFAULT_RELATIONS)
     p.add_argument("--split-seeds", type=int, default=5, help="random splits per fact")
     add_common(p)
     args = p.parse_args(argv)

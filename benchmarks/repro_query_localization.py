@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from repro_common import add_common, data_dir, log, output_path, publish, setup_threads
+from repro_common import add_common, add_fact_options, data_dir, log, output_path, publish, setup_threads
 
 from kn_steer.eval.cache import default_cache
 from kn_steer.eval.protocols.query_localization import QL_RELATIONS, RULES, QueryLocalizationConfig, protocol
@@ -97,15 +97,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None, help="PARAREL folder (default ../shared/data/pararel)")
-    p.add_argument("--relations", nargs="+", default=QL_RELATIONS)
-    p.add_argument("--facts", type=int, default=100, help="known facts (round-robin over relations)")
+    add_fact_options(p, QL_RELATIONS, facts=100)
     p.add_argument("--loc-queries", type=int, default=3, help="paraphrases used to localize")
     p.add_argument("--held-out", type=int, default=3, help="paraphrases where suppression is measured")
-    p.add_argument("--scan", type=int, default=400, help="facts screened per relation")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--spread", type=float, default=1.0, help="consistency-aware rule: mean - spread x sd > threshold")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per random control and fact")
     p.add_argument("--controls", default="matched,uniform")
     add_common(p)
     args = p.parse_args(argv)

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,27 +38,13 @@ from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import model_identity
 from kn_steer.serving import stats as live
 from kn_steer.serving.readback import read_back
+from kn_steer.serving.settings import environment
 from kn_steer.serving.wire import GROUP_KEY
 
 CHUNK = 256  # requests handed to the engine at once (progress and memory per call)
 #: vLLM CPU settings unless the caller's environment has its own (as ``kn-steer serve``): a small
 #: KV cache (vLLM would reserve most of the machine's memory) and no AOT compile artifacts.
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_USE_AOT_COMPILE": "0"}
-
-
-@contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Settings an engine reads while it is built, restored afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class ActivationEngine:
@@ -84,7 +69,7 @@ class ActivationEngine:
         kwargs: dict[str, Any] = dict(model=str(self.ref.path), dtype="float32", max_model_len=max_model_len, seed=0)
         kwargs.update(llm_kwargs)
         kwargs["enable_prefix_caching"] = False  # every token is computed, so every token is counted
-        with _environment(env):
+        with environment(env):
             self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(max_model_len)

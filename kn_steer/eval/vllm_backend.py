@@ -13,7 +13,6 @@ Creating ``vllm.LLM`` spawns processes: scripts using this module need an
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,6 +24,7 @@ from kn_steer.eval.scoring import EncodedItem, ItemScore, encode_items
 from kn_steer.models import resolve_model
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import model_identity
+from kn_steer.serving.settings import environment
 from kn_steer.sets.registry import ENV_VAR, NeuronSetRegistry
 from kn_steer.steering.spec import SteeringSpec
 
@@ -52,16 +52,9 @@ class VLLMEvaluator:
         kwargs: dict[str, Any] = dict(model=str(self.ref.path), dtype="float32", max_model_len=2048,
                                       enable_prefix_caching=True, seed=0)
         kwargs.update(llm_kwargs)
-        saved = os.environ.get(ENV_VAR)
-        if sets_dir is not None:  # the engine reads its set folder once, while it is built
-            os.environ[ENV_VAR] = str(Path(sets_dir).resolve())
-        try:
+        env = {} if sets_dir is None else {ENV_VAR: str(Path(sets_dir).resolve())}  # read once, while built
+        with environment(env):
             self.llm = vllm.LLM(**kwargs)
-        finally:
-            if saved is None:
-                os.environ.pop(ENV_VAR, None)
-            else:
-                os.environ[ENV_VAR] = saved
         self.tokenizer = self.llm.get_tokenizer()
 
     @property

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
@@ -146,3 +148,19 @@ def load_settings() -> ServingSettings:
     if threshold is not None:
         fields["watch_threshold"] = threshold
     return ServingSettings(sets_dir=default_sets_dir(), sets_dir_explicit=bool(os.environ.get(SETS_ENV)), **fields)
+
+
+@contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """These settings while an offline engine is built (it reads them once, then), restored after:
+    an engine keeps what it was built with, and later engines or commands see the old values."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
