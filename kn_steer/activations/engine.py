@@ -8,7 +8,9 @@ model per request):
   workers (no values leave the engine until the end): each text is one request with
   ``max_tokens=1`` (only its prompt passes through the model) and an engine-side group of its own
   run (``run/group``), so earlier runs and live traffic never mix in. Prefix caching is off: a
-  token served from the cache would not be computed, hence not counted.
+  token served from the cache would not be computed, hence not counted. A corpus that counts its
+  tokens apart (per position or token id) labels each prompt token with its group instead
+  (``TOKEN_GROUPS_KEY``); the engine must keep that many groups (``groups``).
 * :meth:`ActivationEngine.last_token_activations` reads every neuron at each text's last token
   (read-back, ``positions: last``): the ``[texts, layers * units]`` matrix the relation method
   ranks, laid out as :func:`kn_steer.localize.recorder.last_token_activations` lays it out.
@@ -39,7 +41,7 @@ from kn_steer.sets.format import model_identity
 from kn_steer.serving import stats as live
 from kn_steer.serving.readback import read_back
 from kn_steer.serving.settings import environment
-from kn_steer.serving.wire import GROUP_KEY
+from kn_steer.serving.wire import GROUP_KEY, TOKEN_GROUPS_KEY
 
 CHUNK = 256  # requests handed to the engine at once (progress and memory per call)
 #: vLLM CPU settings unless the caller's environment has its own (as ``kn-steer serve``): a small
@@ -51,7 +53,9 @@ class ActivationEngine:
     """One vLLM engine counting and reading every neuron (see the module docstring)."""
 
     def __init__(self, model: str | Path = "smollm2-135m", threshold: float = 0.0, max_model_len: int = 2048,
-                 sets_dir: str | Path | None = None, **llm_kwargs: Any):
+                 sets_dir: str | Path | None = None, groups: int = 64, **llm_kwargs: Any):
+        """``groups``: statistics groups the workers keep (memory: ``groups x neurons x 20``
+        bytes); each run takes as many as it counts, labels are never reused."""
         try:
             import vllm
         except ImportError as exc:
@@ -63,7 +67,8 @@ class ActivationEngine:
         self.threshold = float(threshold)
         env = {k: v for k, v in CPU_DEFAULTS.items() if k not in os.environ}
         env |= {"KN_STEER_WATCH": "all", "KN_STEER_WATCH_THRESHOLD": repr(self.threshold),
-               "KN_STEER_READ_BACK": "1", "KN_STEER_MAX_READ_VALUES": str(self.shape.num_neurons)}
+               "KN_STEER_READ_BACK": "1", "KN_STEER_MAX_READ_VALUES": str(self.shape.num_neurons),
+               "KN_STEER_WATCH_GROUPS": str(int(groups))}
         if sets_dir is not None:
             env["KN_STEER_NEURON_SETS"] = str(Path(sets_dir).resolve())
         kwargs: dict[str, Any] = dict(model=str(self.ref.path), dtype="float32", max_model_len=max_model_len, seed=0)
@@ -102,7 +107,10 @@ class ActivationEngine:
         self._check_rows(corpus.rows)
         run = uuid.uuid4().hex[:12]
         labels = [f"{run}/{g}" for g in corpus.groups]
-        extras = [{"kn_steer": {}, GROUP_KEY: labels[g]} for g in corpus.group_of]
+        if corpus.token_groups is None:
+            extras = [{"kn_steer": {}, GROUP_KEY: labels[g]} for g in corpus.group_of]
+        else:
+            extras = [_token_labels(labels, groups) for groups in corpus.token_groups]
         self._generate(corpus.rows, extras, progress)
         found = live.tables(self.llm.collective_rpc(live.STATS_METHOD))
         if found is None:
@@ -141,13 +149,20 @@ class ActivationEngine:
     def last_stats(self, corpus: TokenCorpus, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
         """As :meth:`token_stats`, counting only each text's last token (from read-back values)."""
         acts = self.last_token_activations(corpus.rows, progress).numpy()
-        return stats_of_rows(acts, corpus.group_of, len(corpus.groups), self.shape, self.threshold)
+        last_groups = [corpus.row_groups(i)[-1] for i in range(len(corpus.rows))]
+        return stats_of_rows(acts, last_groups, len(corpus.groups), self.shape, self.threshold)
 
     def close(self) -> None:
         try:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001 - already gone
             pass
+
+
+def _token_labels(labels: Sequence[str], groups: Sequence[int]) -> dict[str, Any]:
+    """A request's extra arguments that count each of its tokens in its own group."""
+    used, index = np.unique(np.asarray(groups, dtype=np.int64), return_inverse=True)
+    return {"kn_steer": {}, TOKEN_GROUPS_KEY: {"labels": [labels[g] for g in used], "index": index.tolist()}}
 
 
 def stats_of_rows(acts: np.ndarray, group_of: Sequence[int], n_groups: int, shape: ModelShape,

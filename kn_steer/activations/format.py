@@ -9,7 +9,8 @@ corpus, what was counted, how) and three ``[groups, layers, units]`` arrays:
 
 ``tokens[g]`` says over how many tokens group ``g`` was counted, so the firing rate is
 ``fires / tokens`` and the mean ``sums / tokens`` (:meth:`ActivationStats.fire_rate`,
-:meth:`ActivationStats.mean`). The value counted is the neuron's, the input of the MLP's output
+:meth:`ActivationStats.mean`). A group is a group of texts (``by: text``), or, for per-position
+and per-token-id summaries, one token position or one token id (``by``; ``keys`` names each). The value counted is the neuron's, the input of the MLP's output
 projection (``act(gate(x)) * up(x)``), the same unit steering and read-back address; a neuron
 *fires* when that value exceeds ``threshold`` (default 0). Methods that define firing by the gate
 alone (LAPE's "gate open") count with their own pass (:mod:`kn_steer.localize.firing`).
@@ -52,6 +53,10 @@ class StatsHeader(BaseModel):
     data_file: str | None = None
     data_sha256: str | None = None
     group_field: str | None = None
+    by: Literal["text", "position", "token"] = Field(
+        "text", description="what a group is: a group of texts (group_field), a token position, or a token id")
+    keys: list[int] | None = Field(None, description="by position/token: each group's position or token id "
+                                                       "(-1: every other token)")
     command: str | None = None
 
     @model_validator(mode="after")
@@ -60,6 +65,8 @@ class StatsHeader(BaseModel):
             raise ValueError("groups, tokens and texts must have one entry per group")
         if len(set(self.groups)) != len(self.groups):
             raise ValueError("group names must be distinct")
+        if (self.keys is None) != (self.by == "text") or (self.keys is not None and len(self.keys) != len(self.groups)):
+            raise ValueError("keys: one per group when groups are positions or token ids, none otherwise")
         return self
 
 

@@ -2,7 +2,8 @@
 
 Rows are left-padded into batches (:func:`kn_steer.localize.recorder.left_padded_ids`); one
 forward per batch records every layer's site (the canonical ``[rows, units]`` view). Counted
-positions: every token of a row, or its last (padding never counts).
+positions: every token of a row, or its last (padding never counts); each counts in its row's
+group, or in its own where the corpus counts tokens apart (:func:`~kn_steer.activations.corpus.by_position`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def reference_stats(model: Any, tokenizer: Any, corpus: TokenCorpus, threshold: 
                 keep = torch.zeros_like(keep)
                 keep[:, -1] = True
             current["keep"] = keep
-            counted = keep.sum(1).cpu()
-            current["groups"] = torch.repeat_interleave(torch.tensor([corpus.group_of[i] for i in idx]), counted)
+            groups = [corpus.row_groups(i) if positions == "all" else corpus.row_groups(i)[-1:] for i in idx]
+            current["groups"] = torch.tensor([g for row in groups for g in row], dtype=torch.long)
             body(**batch.model_inputs())
             if progress is not None:
                 progress(len(idx))

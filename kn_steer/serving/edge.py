@@ -28,7 +28,7 @@ from vllm.exceptions import VLLMValidationError
 from kn_steer.errors import KnSteerError, SpecError
 from kn_steer.serving import hooks, wire
 from kn_steer.serving.context import ServingContext, current_context, load_context
-from kn_steer.serving.wire import GROUP_KEY, RAW_KEY, READ_KEY, WIRE_KEY
+from kn_steer.serving.wire import ENGINE_KEYS, GROUP_KEY, RAW_KEY, READ_KEY, TOKEN_GROUPS_KEY, WIRE_KEY
 from kn_steer.steering.compile import compile_spec
 from kn_steer.steering.masks import CompiledSteering
 from kn_steer.steering.presets import expand, with_preset
@@ -196,7 +196,7 @@ def wrap_process_inputs(orig):
         extra = getattr(params, "extra_args", None) if isinstance(params, SamplingParams) else None
         if not extra or (RAW_KEY not in extra and WIRE_KEY not in extra):
             return orig(self, request_id, prompt, params, *args, **kwargs)
-        compiled = read = group = None
+        compiled = read = group = token_groups = None
         if extra.get(RAW_KEY) is not None:
             try:
                 ctx = bind_context(self)
@@ -205,6 +205,10 @@ def wrap_process_inputs(orig):
             _, compiled, info, read = resolve(ctx, extra[RAW_KEY], request_id)
             if _watching(self):  # drawn at the HTTP edge (the spec is then the arm's), or here offline
                 group = extra.get(GROUP_KEY) or (f"{info['experiment']}/{info['arm']}" if "arm" in info else None)
+                token_groups = extra.get(TOKEN_GROUPS_KEY)
+            elif extra.get(TOKEN_GROUPS_KEY) is not None:
+                raise SteeringRequestError(f"{TOKEN_GROUPS_KEY}: per-token groups count in the live statistics; "
+                                           "build the engine with KN_STEER_WATCH")
             if getattr(params, "use_beam_search", False):
                 raise SteeringRequestError("kn_steer cannot be combined with beam search")
             if not compiled.is_identity or read is not None:
@@ -212,7 +216,7 @@ def wrap_process_inputs(orig):
         # vLLM deep-copies offline SamplingParams; hand it a shallow copy without the (possibly
         # 46k-neuron) spec so that copy stays cheap. The caller's params object is not modified.
         light = copy.copy(params)
-        light.extra_args = {k: v for k, v in extra.items() if k not in (RAW_KEY, WIRE_KEY, READ_KEY, GROUP_KEY)} or None
+        light.extra_args = {k: v for k, v in extra.items() if k not in ENGINE_KEYS} or None
         request = orig(self, request_id, prompt, light, *args, **kwargs)
         sp = request.sampling_params
         new_extra = dict(sp.extra_args or {})
@@ -228,10 +232,17 @@ def wrap_process_inputs(orig):
             new_extra[WIRE_KEY] = {**wire.encode(compiled), "read": wire.encode_read(read, key, len(tokens),
                                                                                      int(sp.max_tokens or 1))}
             unique = key if read.reads_prompt else None  # every prompt token computed: none from the cache
-        elif compiled is not None and (not compiled.is_identity or group is not None):
+        elif compiled is not None and (not compiled.is_identity or group is not None or token_groups is not None):
             new_extra[WIRE_KEY] = wire.encode(compiled)
         if group is not None:  # the A/B arm its tokens count in, for the live statistics
             new_extra[WIRE_KEY]["group"] = group
+        if token_groups is not None:  # offline only: each prompt token's own group
+            tokens = getattr(request, "prompt_token_ids", None) or []
+            try:
+                new_extra[WIRE_KEY]["token_groups"] = wire.encode_token_groups(
+                    token_groups.get("labels"), token_groups.get("index"), len(tokens))
+            except (ValueError, AttributeError, TypeError) as exc:
+                raise SteeringRequestError(f"{TOKEN_GROUPS_KEY}: {exc}") from None
         if WIRE_KEY in new_extra and (unique is not None or not compiled.is_identity):
             request.cache_salt = wire.cache_salt(compiled, request.cache_salt, unique)
         sp.extra_args = new_extra or None
@@ -311,7 +322,7 @@ def wrap_to_sampling_params(orig):
         extras = self.__pydantic_extra__ or {}
         cached = extras.get(INFO_ATTR)
         params = orig(self, *args, **kwargs)
-        extra = {k: v for k, v in (params.extra_args or {}).items() if k not in (WIRE_KEY, RAW_KEY, READ_KEY, GROUP_KEY)}
+        extra = {k: v for k, v in (params.extra_args or {}).items() if k not in ENGINE_KEYS}
         if cached is not None:
             extra[RAW_KEY] = cached[0]
             if "arm" in cached[1]:

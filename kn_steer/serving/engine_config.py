@@ -117,13 +117,14 @@ def watched(ctx: Any, read: dict[str, Any]) -> dict[str, Any]:
         raise ConfigurationRefused(f"kn-steer cannot keep live neuron statistics ({WATCH_ENV_NAME}) here: "
                                    f"{read['reason']} (or unset {WATCH_ENV_NAME})")
     if settings.watch == ("all",):
-        return {"enabled": True, "all": True, "threshold": settings.watch_threshold}
+        return {"enabled": True, "all": True, "threshold": settings.watch_threshold, "groups": settings.watch_groups}
     unknown = [n for n in settings.watch if n not in ctx.registry]
     if unknown:
         raise ConfigurationRefused(f"{WATCH_ENV_NAME} names neuron set(s) {unknown} this server does not load "
                                    f"(known: {', '.join(sorted(ctx.registry)) or 'none'})")
     sets = {name: [[n.layer, n.index] for n in ctx.registry[name].neurons] for name in settings.watch}
-    return {"enabled": True, "all": False, "threshold": settings.watch_threshold, "sets": sets}
+    return {"enabled": True, "all": False, "threshold": settings.watch_threshold, "groups": settings.watch_groups,
+            "sets": sets}
 
 
 def bank_slots(config: Any, num_layers: int, intermediate: int, dtype_bytes: int) -> tuple[int, bool]:

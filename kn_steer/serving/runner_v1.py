@@ -36,7 +36,7 @@ from kn_steer.models.families import adapter_for_config
 from kn_steer.models.sites import site_modules, site_pre_hook
 from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
 from kn_steer.serving.ops.neuron_read import NeuronReader
-from kn_steer.serving.ops.neuron_stats import NeuronStats
+from kn_steer.serving.ops.neuron_stats import MAX_GROUPS, NeuronStats
 from kn_steer.serving.patching import patch_method
 from kn_steer.serving.wire import WIRE_KEY
 from kn_steer.serving.worker_state import WorkerSteering
@@ -94,7 +94,7 @@ def install(worker: Any) -> WorkerSteering | None:
             sets = None if watch.get("all") else {
                 name: np.asarray(pairs, dtype=np.int64).reshape(-1, 2) @ np.array([width, 1]) for name, pairs in watch["sets"].items()}
             reader.stats = NeuronStats(sets, sorted(modules), offset, size, width, runner.device, max_tokens,
-                                       float(watch.get("threshold", 0.0)))
+                                       float(watch.get("threshold", 0.0)), int(watch.get("groups", MAX_GROUPS)))
     state = WorkerSteering(op, int(mark["slots"]), max_tokens, runner.device, reader)
     for layer, module in modules.items():
         module.requires_unquantized_input = True  # no QuantizedActivation for the hook (vLLM's LoRA does the same)

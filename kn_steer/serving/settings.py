@@ -16,6 +16,7 @@ stops start-up with a message naming the variable.
 | ``KN_STEER_READ_MIB`` | memory per worker for read-back values not yet fetched | 1024 |
 | ``KN_STEER_WATCH`` | live statistics of these sets' neurons (comma list), or ``all`` neurons | none |
 | ``KN_STEER_WATCH_THRESHOLD`` | a watched neuron *fires* when its value exceeds this | 0 |
+| ``KN_STEER_WATCH_GROUPS`` | groups (A/B arms, offline labels) the live statistics keep apart | 64 |
 | ``KN_STEER_MAX_SPEC_BYTES`` | largest body of a request that carries ``kn_steer`` | 4 MiB |
 | ``KN_STEER_COMPILE_CACHE_MIB`` | memory for compiled specs in the API server | 256 |
 | ``KN_STEER_BANK_MIB`` | memory for mask slots per worker | 256 |
@@ -67,6 +68,7 @@ class ServingSettings(BaseModel):
     read_bytes: int = 1 << 30
     watch: tuple[str, ...] = ()  # set names, or ("all",)
     watch_threshold: float = 0.0
+    watch_groups: int = 64
     max_abs_factor: float | None = None  # None: the served dtype's default
     max_abs_value: float | None = None
     max_spec_bytes: int = 4 << 20
@@ -123,6 +125,7 @@ def load_settings() -> ServingSettings:
         ("max_abs_value", "KN_STEER_MAX_ABS_VALUE", float, 0.0, _MAX_DOSE_SETTING),
         ("max_spec_bytes", "KN_STEER_MAX_SPEC_BYTES", int, 1024, 1 << 30),
         ("slots", "KN_STEER_SLOTS", int, 3, 1 << 20),
+        ("watch_groups", "KN_STEER_WATCH_GROUPS", int, 4, 1 << 16),
     ):
         value = _number(name, kind, low, high)
         if value is not None:

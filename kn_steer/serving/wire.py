@@ -20,6 +20,9 @@ RAW_KEY = "kn_steer"
 WIRE_KEY = "kn_steer_compiled"
 READ_KEY = "kn_steer_read_key"  # the API edge's key under which the workers keep a request's reads
 GROUP_KEY = "kn_steer_group"  # the A/B arm the API edge drew (live statistics count per arm)
+#: offline engines only (the HTTP edge strips it): a group per prompt token for the live statistics
+TOKEN_GROUPS_KEY = "kn_steer_token_groups"
+ENGINE_KEYS = (RAW_KEY, WIRE_KEY, READ_KEY, GROUP_KEY, TOKEN_GROUPS_KEY)  # never passed on as a client's own
 WIRE_VERSION = "kn-steer-3"
 SALT_PREFIX = "kn-steer:"
 
@@ -71,6 +74,29 @@ def decode_read(wire: Mapping[str, Any]) -> tuple[str, ReadPlan, int, int] | Non
     plan = ReadPlan(np.frombuffer(read["l"], "<i4").astype(np.int32), np.frombuffer(read["i"], "<i4").astype(np.int32),
                     read["positions"], read["reduce"], "float32")
     return str(read["key"]), plan, int(read["n_prompt"]), int(read["rows"])
+
+
+def encode_token_groups(labels: Any, index: Any, n_prompt: int) -> dict[str, Any]:
+    """Check and pack ``{"labels": [str, ...], "index": [label index per prompt position]}``.
+
+    Raises ValueError naming what is wrong (a caller's mistake, refused before the engine)."""
+    if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise ValueError("token groups: 'labels' must be a non-empty list of non-empty strings")
+    idx = np.asarray(index)
+    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError("token groups: 'index' must be a list of label indices, one per prompt token")
+    if idx.size > n_prompt:
+        raise ValueError(f"token groups: {idx.size} indices for a prompt of {n_prompt} tokens")
+    if idx.min() < 0 or idx.max() >= len(labels):
+        raise ValueError(f"token groups: indices must lie in [0, {len(labels)})")
+    return {"labels": [str(x) for x in labels], "index": idx.astype("<i4").tobytes()}
+
+
+def decode_token_groups(wire: Mapping[str, Any] | None) -> tuple[list[str], np.ndarray] | None:
+    found = wire.get("token_groups") if wire else None
+    if not found:
+        return None
+    return list(found["labels"]), np.frombuffer(found["index"], "<i4").astype(np.int64)
 
 
 def cache_salt(compiled: CompiledSteering, existing: str | None = None, unique: str | None = None) -> str:

@@ -17,7 +17,7 @@ from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
 from kn_steer.serving.ops.neuron_read import NeuronReader
 from kn_steer.serving.slots import SlotTable
 from kn_steer.serving.uploads import Uploader
-from kn_steer.serving.wire import decode, decode_read
+from kn_steer.serving.wire import decode, decode_read, decode_token_groups
 from kn_steer.steering.masks import SparseMask
 
 
@@ -80,7 +80,7 @@ class WorkerSteering:
         if wire is None:
             return
         if self.stats is not None:
-            self.stats.add(req_id, wire.get("group"))
+            self.stats.add(req_id, wire.get("group"), decode_token_groups(wire))
         read = decode_read(wire)
         if read is not None and self.reader is not None:
             self.reader.add(req_id, *read)
@@ -127,7 +127,7 @@ class WorkerSteering:
         if self.reader is not None:
             self.reader.plan(req_ids, num_scheduled, num_computed)
         if self.stats is not None:
-            self.stats.plan(req_ids, num_scheduled)
+            self.stats.plan(req_ids, num_scheduled, num_computed)
         steered = [(i, self._requests[r]) for i, r in enumerate(req_ids) if r in self._requests]
         if not steered:
             if self._high_water:

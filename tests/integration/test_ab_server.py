@@ -441,3 +441,20 @@ def test_statistics_reset_returns_the_interval_and_zeroes_it(ab_server):
     after = _stats(srv)
     assert after["groups"] == taken["groups"] and sum(after["tokens"]) == 0
     assert np.isnan(_table(after, "fire_rate")).all()  # no token counted yet in any group
+
+
+def test_a_client_cannot_label_statistics_groups(ab_server):
+    """The engine-only keys (an arm's group, per-token groups) sent by a client are dropped at the
+    edge: its tokens count where the server puts them, and no label of its own appears."""
+    srv, _ = ab_server
+    forged = {"kn_steer": {}, "kn_steer_group": "forged/arm",
+              "kn_steer_token_groups": {"labels": ["forged/token"], "index": [0, 0, 0]}}
+    before = _stats(srv)
+    resp = srv.client().completions.create(model=serving_helpers.SERVED_NAME, prompt=PROMPT, max_tokens=3,
+                                           temperature=0, extra_body={"vllm_xargs": {k: v if isinstance(v, str) else
+                                                                                      json.dumps(v) for k, v in forged.items()}})
+    assert resp.choices[0].text is not None
+    after = _stats(srv)
+    assert not any(g.startswith("forged") for g in after["groups"]), after["groups"]
+    counted = sum(after["tokens"]) - sum(before["tokens"])  # prompt blocks from the prefix cache are not computed
+    assert resp.usage.completion_tokens - 1 <= counted <= resp.usage.prompt_tokens + resp.usage.completion_tokens - 1

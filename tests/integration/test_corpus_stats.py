@@ -32,7 +32,9 @@ MAX_TOKENS = 24
 def engine():
     from kn_steer.activations.engine import ActivationEngine
 
-    eng = ActivationEngine("smollm2-135m", max_model_len=256, enforce_eager=True, max_num_seqs=8)
+    # 40 tokens a step: prompts are prefilled in chunks over several steps (per-token groups follow them)
+    eng = ActivationEngine("smollm2-135m", max_model_len=256, enforce_eager=True, max_num_seqs=8,
+                           max_num_batched_tokens=40)
     yield eng
     eng.close()
 
@@ -61,6 +63,24 @@ def test_token_stats_equal_the_transformers_hooks(engine, default_hf):
     # a second run counts only its own tokens (its own engine-side groups)
     again = engine.token_stats(corpus)
     assert np.array_equal(again["fires"], got["fires"])
+
+
+@pytest.mark.parametrize("by", ["position", "token"])
+def test_per_position_and_per_token_id_stats_equal_the_transformers_hooks(engine, default_hf, by):
+    from kn_steer.activations import token_corpus
+    from kn_steer.activations.corpus import by_position, by_token
+    from kn_steer.activations.reference import reference_stats
+
+    model, tok = default_hf
+    plain = token_corpus(tok, _items(), MAX_TOKENS)
+    corpus = by_position(plain) if by == "position" else by_token(plain, tok, top=12)
+    got = engine.token_stats(corpus)
+    want = {k: v.numpy() for k, v in reference_stats(model, tok, corpus, batch_size=4).items()}
+    assert got["fires"].shape == (len(corpus.groups), 30, 1536)
+    flips = np.abs(got["fires"] - want["fires"])
+    assert flips.max() <= 1 and (flips > 0).mean() < 1e-3, (flips > 0).sum()
+    np.testing.assert_allclose(got["sums"], want["sums"], rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(got["maxes"], want["maxes"], rtol=1e-3, atol=1e-3)
 
 
 def test_last_token_activations_equal_transformers(engine, default_hf):
@@ -96,28 +116,30 @@ def test_relation_method_picks_the_same_neurons_on_vllm(engine, default_hf):
 
 
 def test_stats_command_through_vllm(tmp_path: Path, default_hf):
-    """The command end to end (its own eager engine): groups, counts and values as transformers'."""
+    """The command end to end (its own eager engine, more statistics groups than a server's 64):
+    per-token-id groups, counts and values as transformers'."""
     import subprocess
     import sys
 
     from kn_steer.activations import ActivationStats, token_corpus
+    from kn_steer.activations.corpus import by_token
     from kn_steer.activations.reference import reference_stats
     from kn_steer.data.text import load_texts
 
     data = tmp_path / "c.jsonl"
-    data.write_text("\n".join(json.dumps({"text": t, "kind": g}) for t, g in TEXTS[:4]))
+    data.write_text("\n".join(json.dumps({"text": t, "kind": g}) for t, g in TEXTS))
     out = tmp_path / "stats.npz"
     proc = subprocess.run([sys.executable, "-m", "kn_steer.cli", "stats", "--data", str(data), "--out", str(out),
-                           "--group-field", "kind", "--max-tokens", str(MAX_TOKENS), "--enforce-eager",
+                           "--by", "token", "--top-tokens", "70", "--max-tokens", str(MAX_TOKENS), "--enforce-eager",
                            "--threshold", "0.05"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = ActivationStats.load(out)
-    assert stats.header.backend == "vllm" and stats.header.groups == ["en", "fr", "code"]
-    assert stats.header.threshold == 0.05 and stats.header.texts == [2, 1, 1]
     model, tok = default_hf
-    corpus = token_corpus(tok, load_texts(data, group_field="kind"), MAX_TOKENS)
+    corpus = by_token(token_corpus(tok, load_texts(data), MAX_TOKENS), tok, 70)
+    assert stats.header.backend == "vllm" and stats.header.by == "token" and stats.header.keys == corpus.keys
+    assert len(stats.header.groups) == 71 and stats.header.groups[-1] == "other"  # 71 groups: over a server's 64
+    assert stats.header.threshold == 0.05 and "--by token --top-tokens 70" in stats.header.command
     assert stats.header.tokens == corpus.counts("all")[0]
     want = reference_stats(model, tok, corpus, threshold=0.05)
     assert (np.abs(stats.fires - want["fires"].numpy()) > 0).mean() < 1e-3
-    np.testing.assert_allclose(stats.mean(), want["sums"].numpy() / np.array(stats.header.tokens)[:, None, None],
-                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(stats.sums, want["sums"].numpy(), rtol=1e-3, atol=2e-3)

@@ -6,8 +6,15 @@ The server watches chosen sets' neurons (``KN_STEER_WATCH=set1,set2``) or, opt-i
 accumulated into its request's group: how often it exceeds the threshold
 (``KN_STEER_WATCH_THRESHOLD``, default 0: a gated neuron's value is positive), the sum of its
 values and its maximum. A request's group is its A/B experiment and arm (``experiment/arm``);
-every other request counts in ``none``. At most :data:`MAX_GROUPS` groups are kept; later ones
-count in ``other``.
+every other request counts in ``none``. At most ``max_groups`` groups are kept
+(``KN_STEER_WATCH_GROUPS``, default :data:`MAX_GROUPS`); later ones count in ``other``.
+
+An offline engine may also label a request's prompt tokens one by one (``token_groups``: labels
+and one label index per prompt position; never from an HTTP client, whose extra arguments the API
+edge strips): each prompt token then counts in its own label's group, e.g. its position or its
+token id (the per-position and per-token-id summaries of ``kn-steer stats --by``). The step's
+token map follows the request's computed tokens, so chunked prefill and preemption count each
+position in its own group.
 
 Per step and layer the step's tokens are reduced per group first (float32: a sum over one step's
 tokens, a few thousand at most; one matrix product when the step mixes groups), then added into
@@ -34,9 +41,11 @@ class NeuronStats:
     """This worker's running statistics (see the module docstring)."""
 
     def __init__(self, watched: dict[str, np.ndarray] | None, layers: Sequence[int], offset: int, local_size: int,
-                 width: int, device: torch.device | str, max_tokens: int, threshold: float = 0.0):
+                 width: int, device: torch.device | str, max_tokens: int, threshold: float = 0.0,
+                 max_groups: int = MAX_GROUPS):
         """``watched``: set name -> flat neuron ids (``layer * width + index``); None: every neuron."""
         self.device = torch.device(device)
+        self.max_groups = int(max_groups)
         self.threshold = float(threshold)
         self.all_neurons = watched is None
         self.sets = {name: np.asarray(ids, dtype=np.int64) for name, ids in (watched or {}).items()}
@@ -50,13 +59,14 @@ class NeuronStats:
             ids = union[(union // width == layer) & (union % width >= offset) & (union % width < offset + local_size)]
             if ids.size:
                 self.columns[layer] = (torch.from_numpy(ids % width - offset).to(self.device), ids)
-        shape = lambda layer: (MAX_GROUPS, self.columns[layer][1].size)  # noqa: E731
+        shape = lambda layer: (self.max_groups, self.columns[layer][1].size)  # noqa: E731
         self.fires = {l: torch.zeros(shape(l), dtype=torch.float64, device=self.device) for l in self.columns}
         self.sums = {l: torch.zeros(shape(l), dtype=torch.float64, device=self.device) for l in self.columns}
         self.maxes = {l: torch.full(shape(l), -torch.inf, dtype=torch.float32, device=self.device) for l in self.columns}
-        self.tokens = np.zeros(MAX_GROUPS, dtype=np.int64)
+        self.tokens = np.zeros(self.max_groups, dtype=np.int64)
         self.groups: dict[str, int] = {NONE_GROUP: 0}
         self.by_request: dict[str, int] = {}
+        self.by_position: dict[str, np.ndarray] = {}  # request -> group of each prompt position
         self.token_groups = torch.zeros(max_tokens, dtype=torch.long, device=self.device)
         self._host = np.zeros(max_tokens, dtype=np.int64)
         self.n_tokens = 0
@@ -73,33 +83,51 @@ class NeuronStats:
         if not label:
             return 0
         if label not in self.groups:
-            if len(self.groups) >= MAX_GROUPS - 1:
+            if len(self.groups) >= self.max_groups - 1:
                 label = OTHER_GROUP
             self.groups.setdefault(label, len(self.groups))
         return self.groups[label]
 
     # ----- requests and steps -------------------------------------------------------------------
-    def add(self, req_id: str, label: str | None) -> None:
+    def add(self, req_id: str, label: str | None,
+            token_groups: tuple[Sequence[str], np.ndarray] | None = None) -> None:
+        """``label``: the request's group; ``token_groups``: (labels, one label index per prompt
+        position) where its prompt tokens count apart (positions past them count in ``label``)."""
         gid = self.group_of(label)
         if gid:
             self.by_request[req_id] = gid
+        if token_groups is not None:
+            labels, index = token_groups
+            gids = np.fromiter((self.group_of(x) for x in labels), np.int64, len(labels))
+            self.by_position[req_id] = gids[np.asarray(index, dtype=np.int64)]
 
     def remove(self, req_id: str) -> None:
         self.by_request.pop(req_id, None)
+        self.by_position.pop(req_id, None)
 
-    def plan(self, req_ids: Sequence[str], num_scheduled: np.ndarray) -> None:
+    def plan(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray | None = None) -> None:
         """Each scheduled token's group, in batch order (host side, before the forward)."""
         counts = np.asarray(num_scheduled[: len(req_ids)], dtype=np.int64)
         total = int(counts.sum())
         gids = np.fromiter((self.by_request.get(r, 0) for r in req_ids), np.int64, len(req_ids))
-        self._host[:total] = np.repeat(gids, counts)
-        self.token_groups[:total].copy_(torch.from_numpy(self._host[:total]), non_blocking=True)
-        np.add.at(self.tokens, gids, counts)
+        host = self._host[:total]
+        host[:] = np.repeat(gids, counts)
+        if self.by_position and num_computed is not None:
+            starts = np.cumsum(counts) - counts
+            for i, req_id in enumerate(req_ids):
+                per_position = self.by_position.get(req_id)
+                if per_position is None or not counts[i]:
+                    continue
+                first = int(num_computed[i])
+                part = per_position[first:first + int(counts[i])]  # positions past the prompt keep the request's group
+                host[starts[i]:starts[i] + part.size] = part
+        self.token_groups[:total].copy_(torch.from_numpy(host), non_blocking=True)
+        self.tokens += np.bincount(host, minlength=self.max_groups)
         self.n_tokens = total
-        present = np.unique(gids[counts > 0])
+        present = np.unique(host)
         self.step_single = int(present[0]) if present.size == 1 else None
         if present.size > 1:
-            onehot = (self._host[None, :total] == present[:, None]).astype(np.float32)
+            onehot = (host[None, :] == present[:, None]).astype(np.float32)
             self.step_groups = torch.from_numpy(present).to(self.device)
             self.step_onehot = torch.from_numpy(onehot).to(self.device)
 

@@ -15,7 +15,7 @@ from helpers.tokenizer import word_tokenizer
 from typer.testing import CliRunner
 
 from kn_steer.activations import ActivationStats, StatsHeader, token_corpus
-from kn_steer.activations.corpus import MAX_GROUPS
+from kn_steer.activations.corpus import MAX_GROUPS, OTHER, by_position, by_token
 from kn_steer.activations.engine import stats_of_rows
 from kn_steer.activations.reference import reference_stats
 from kn_steer.data.text import TextItem, load_texts
@@ -76,6 +76,52 @@ def test_last_positions_equal_the_last_token_recorder() -> None:
     assert corpus.counts("last") == ([2, 2], [2, 2])
 
 
+def _unpadded_per_token(model, corpus, threshold):
+    """One unpadded forward per row, each token added to its own group."""
+    shape = ModelShape.from_config(model.config)
+    n = len(corpus.groups)
+    fires = np.zeros((n, shape.num_layers, shape.intermediate_size))
+    sums = np.zeros_like(fires)
+    for i, row in enumerate(corpus.rows):
+        seen = {}
+        handles = hook_site(model, lambda layer, x: seen.__setitem__(layer, x.detach().float().clone()))
+        try:
+            with torch.no_grad():
+                model(torch.tensor([row]))
+        finally:
+            remove_hooks(handles)
+        for layer, x in seen.items():
+            for j, g in enumerate(corpus.row_groups(i)):
+                fires[g, layer] += (x[j] > threshold).numpy()
+                sums[g, layer] += x[j].double().numpy()
+    return fires, sums
+
+
+@pytest.mark.parametrize("by", ["position", "token"])
+def test_per_position_and_per_token_id_groups(by: str) -> None:
+    model, tok = build_tiny_model(sorted(TINY_CONFIGS)[0]), word_tokenizer(bos=True)
+    plain = token_corpus(tok, TEXTS, max_tokens=6)
+    corpus = by_position(plain) if by == "position" else by_token(plain, tok, top=3)
+    if by == "position":
+        assert corpus.groups[:2] == ["position 0", "position 1"] and corpus.keys == list(range(6))
+        assert corpus.counts("all")[0][:2] == [4, 4] and corpus.counts("last") == ([0, 1, 0, 0, 1, 2], [0, 1, 0, 0, 1, 2])
+    else:
+        ids = [t for row in plain.rows for t in row]
+        top = sorted(set(ids), key=lambda t: (-ids.count(t), t))[:3]
+        assert corpus.keys == [*top, -1] and corpus.groups[-1] == OTHER
+        assert corpus.counts("all")[0] == [ids.count(t) for t in top] + [len(ids) - sum(ids.count(t) for t in top)]
+        assert corpus.row_groups(1)[0] == top.index(plain.rows[1][0])  # every text starts with <bos>
+    assert sum(corpus.counts("all")[0]) == plain.tokens
+    got = reference_stats(model, tok, corpus, threshold=0.01, batch_size=3)
+    fires, sums = _unpadded_per_token(model, corpus, 0.01)
+    assert np.array_equal(got["fires"].numpy(), fires)
+    np.testing.assert_allclose(got["sums"].numpy(), sums, rtol=1e-4, atol=1e-5)
+    last = reference_stats(model, tok, corpus, positions="last", batch_size=3)
+    assert last["fires"].sum().item() <= len(TEXTS) * last["fires"].shape[1] * last["fires"].shape[2]
+    assert [int(last["maxes"][g, 0, 0].isfinite()) for g in range(len(corpus.groups))] == \
+        [int(n > 0) for n in corpus.counts("last")[0]]
+
+
 def _stats(groups=("x", "y"), layers=2, units=3) -> ActivationStats:
     header = StatsHeader(model=ModelIdentity(name="m", fingerprint="f", architecture="A", num_layers=layers,
                                              intermediate_size=units),
@@ -113,6 +159,11 @@ def test_file_refusals(tmp_path: Path) -> None:
         ActivationStats(stats.header, stats.fires[:, :1], stats.sums, stats.maxes)
     with pytest.raises(ValueError, match="one entry per group"):
         StatsHeader(**{**stats.header.model_dump(), "tokens": [1]})
+    with pytest.raises(ValueError, match="keys: one per group"):
+        StatsHeader(**{**stats.header.model_dump(), "by": "position"})
+    with pytest.raises(ValueError, match="keys: one per group"):
+        StatsHeader(**{**stats.header.model_dump(), "by": "token", "keys": [5]})
+    assert StatsHeader(**{**stats.header.model_dump(), "by": "token", "keys": [5, -1]}).keys == [5, -1]
 
 
 def test_group_field_and_group_limit(tmp_path: Path) -> None:
@@ -152,6 +203,20 @@ def test_stats_command_hf(tmp_path: Path, default_hf) -> None:
     model, tok = default_hf
     corpus = token_corpus(tok, load_texts(data, group_field="lang"), 5)
     assert np.array_equal(stats.fires, reference_stats(model, tok, corpus)["fires"].numpy())
+    # per position: one group per position, every text's token j in group j
+    result = _run("--data", str(data), "--out", str(out), "--backend", "hf", "--by", "position", "--max-tokens", "5")
+    assert result.exit_code == 0, result.output
+    stats = ActivationStats.load(out)
+    assert stats.header.by == "position" and stats.header.keys == [0, 1, 2, 3, 4]
+    assert stats.header.tokens == [3] * 5 and "--by position" in stats.header.command
+    assert np.array_equal(stats.fires.sum(0), reference_stats(model, tok, corpus)["fires"].numpy().sum(0))
+
+
+def test_engine_groups_cover_the_run() -> None:
+    from kn_steer.cli.stats import engine_groups
+
+    assert engine_groups("text", 64, 100) == 64
+    assert engine_groups("position", 512, 100) == 516 and engine_groups("token", 64, 300) == 305
 
 
 @pytest.mark.parametrize("args, message", [
@@ -159,6 +224,8 @@ def test_stats_command_hf(tmp_path: Path, default_hf) -> None:
     (["--positions", "middle"], "--positions must be 'all' or 'last'"),
     (["--out", "s.json"], "must be a .npz file"),
     (["--data", "missing.jsonl"], "no such file"),
+    (["--by", "word"], "--by must be 'text', 'position' or 'token'"),
+    (["--by", "position", "--group-field", "lang"], "leave out --group-field"),
 ])
 def test_stats_command_refuses(tmp_path: Path, args, message) -> None:
     import subprocess

@@ -90,3 +90,17 @@ def test_presets_become_model_ids_and_experiment_presets_must_exist(monkeypatch)
     assert preset_models.register(state, presets) == {"m+a": "a", "m+ab": "ab"}
     assert [p.name for p in base] == ["m", "m+a", "m+ab"] and base[1].model_path == "/models/m"
     assert preset_models.preset_of_model("m+ab") == "ab" and preset_models.preset_of_model("m") is None
+
+
+def test_token_groups_are_checked_and_packed():
+    packed = wire.encode_token_groups(["a", "b"], [0, 1, 1], n_prompt=4)
+    labels, index = wire.decode_token_groups({"token_groups": packed})
+    assert labels == ["a", "b"] and index.tolist() == [0, 1, 1]
+    assert wire.decode_token_groups({}) is None
+    for labels, index, message in [([], [0], "non-empty list"), (["a", ""], [0], "non-empty list"),
+                                   (["a"], [], "one per prompt token"), (["a"], [0.5], "one per prompt token"),
+                                   (["a"], [0] * 5, "5 indices for a prompt of 4"), (["a"], [1], r"\[0, 1\)"),
+                                   (["a"], [-1], r"\[0, 1\)")]:
+        with pytest.raises(ValueError, match=message):
+            wire.encode_token_groups(labels, index, n_prompt=4)
+    assert "kn_steer_token_groups" in wire.ENGINE_KEYS and "kn_steer_group" in wire.ENGINE_KEYS

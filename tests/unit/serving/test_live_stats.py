@@ -127,3 +127,54 @@ def test_reset_zeroes_counts_and_keeps_groups():
     finally:
         for r in readers:
             r.close()
+
+
+def test_per_token_groups_follow_chunked_prefill_and_generated_tokens():
+    """A request whose prompt tokens carry their own groups, prefilled in two chunks beside a
+    plain request, then one generated token (counted in the request's own group)."""
+    readers = _ranks(watched=None, threshold=0.0)
+    try:
+        index = np.array([0, 1, 0, 2, 1])  # 5 prompt positions over 3 labels
+        for r in readers:
+            r.stats.add("t", "run/req", (["run/p0", "run/p1", "run/p2"], index))
+            r.stats.add("plain", None)
+        rng = np.random.default_rng(2)
+        steps = [(["t", "plain"], [3, 2], [0, 0]), (["plain", "t"], [1, 2], [2, 3]), (["t"], [1], [5])]
+        expected: dict[str, list[tuple[dict, int]]] = {}
+        for req_ids, scheduled, computed in steps:
+            rows = int(sum(scheduled))
+            acts = {l: torch.from_numpy(rng.normal(size=(rows, WIDTH)).astype(np.float32)) for l in LAYERS}
+            k = 0
+            for req, n, first in zip(req_ids, scheduled, computed):
+                for pos in range(first, first + n):
+                    label = "none" if req == "plain" else (f"run/p{index[pos]}" if pos < index.size else "run/req")
+                    expected.setdefault(label, []).append((acts, k))
+                    k += 1
+            for reader in readers:
+                reader.stats.plan(req_ids, np.array(scheduled), np.array(computed))
+                for layer in LAYERS:
+                    torch.ops.kn_steer.read_neurons(acts[layer][:, reader.offset: reader.offset + 4].clone(), layer,
+                                                    reader.id)
+                reader.end_step()
+        table = live.assemble([r.stats.full() for r in readers], None, WIDTH)
+        assert dict(zip(table["groups"], table["tokens"])) == {label: len(v) for label, v in expected.items()}
+        rates, means = _decode(table["fire_rate"]), _decode(table["mean"])
+        for g, label in enumerate(table["groups"]):
+            for l in LAYERS:
+                vals = np.stack([acts[l][k].numpy() for acts, k in expected[label]])
+                np.testing.assert_allclose(rates[g, l * WIDTH:(l + 1) * WIDTH], (vals > 0).mean(0))
+                np.testing.assert_allclose(means[g, l * WIDTH:(l + 1) * WIDTH], vals.mean(0), rtol=1e-5, atol=1e-7)
+        for r in readers:
+            r.stats.remove("t")
+        assert "t" not in readers[0].stats.by_position
+    finally:
+        for r in readers:
+            r.close()
+
+
+def test_the_group_budget_is_a_setting():
+    stats = NeuronStats(None, LAYERS, 0, 4, WIDTH, "cpu", max_tokens=8, max_groups=200)
+    for k in range(150):
+        stats.add(f"r{k}", f"g{k}")
+    assert len(stats.groups) == 151 and "other" not in stats.groups
+    assert stats.fires[0].shape == (200, 4)
