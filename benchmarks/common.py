@@ -70,7 +70,7 @@ def default_model_info(name: str = "smollm2-135m") -> dict[str, Any]:
     shape = ModelShape.from_config(config)
     return {"name": ref.name, "path": str(ref.path), "fingerprint": ref.fingerprint,
             "num_layers": shape.num_layers, "intermediate_size": shape.intermediate_size,
-            "vocab_size": int(config.vocab_size)}
+            "num_heads": shape.num_heads, "vocab_size": int(config.vocab_size)}
 
 
 # ---------------------------------------------------------------- machine record
@@ -355,14 +355,16 @@ STEERED_NEURONS = 500  # config (c): every request steered by one spec of this m
 MIXED_NEURONS = (100, 300, 500, 700, 900, 1100, 1300, 1500)  # config (d): 8 distinct specs
 
 
-def request_specs(workload: Mapping[str, Any], n_requests: int, num_layers: int, intermediate: int) -> list[dict | None]:
+def request_specs(workload: Mapping[str, Any], n_requests: int, num_layers: int, intermediate: int,
+                  num_heads: int = 0) -> list[dict | None]:
     """The ``kn_steer`` spec of every request of a workload (None = unsteered).
 
     ``unsteered``; ``uniform`` (every request steered, ``distinct`` specs of ``neurons`` neurons,
     request i gets spec i mod distinct); ``mixed`` (8 specs of 100..1500 neurons and unsteered
     requests, interleaved); ``read`` (every request reads ``neurons`` neurons at every position, no
-    steering). Neurons are drawn uniformly over every layer with fixed seeds, so all
-    scripts steer the very same neurons.
+    steering); ``heads`` (every request: the ``uniform`` 500-neuron spec and two attention heads of
+    every layer scaled by 0.5, so neurons and heads in one spec). Neurons are drawn uniformly over
+    every layer with fixed seeds, so all scripts steer the very same neurons.
     """
     kind = workload["kind"]
     if kind == "unsteered":
@@ -379,6 +381,11 @@ def request_specs(workload: Mapping[str, Any], n_requests: int, num_layers: int,
         ]
         mixed.append(None)
         return [mixed[i % len(mixed)] for i in range(n_requests)]
+    if kind == "heads":
+        spec = scale_spec(spread_neurons(STEERED_NEURONS, 1000, num_layers, intermediate), 2.0)
+        heads = [[layer, h] for layer in range(num_layers) for h in (layer % num_heads, (layer + 3) % num_heads)]
+        spec["interventions"].append({"heads": heads, "op": "scale", "factor": 0.5})
+        return [spec] * n_requests
     if kind == "read":  # read-back only: every request reads the same neurons at every position
         read = {"read": {"neurons": spread_neurons(int(workload["neurons"]), 3000, num_layers, intermediate),
                          "positions": "all"}}

@@ -40,6 +40,9 @@ class FamilyAdapter:
     # gated MLPs: the gate projection (transformers' path; vLLM fuses it with up). A neuron *fires* when
     # its gate is open (gate(x) > 0, where SiLU and GELU turn positive); non-gated: when act(fc(x)) > 0
     gate_proj: str | None = None
+    # path inside a layer of the attention's output projection: its input is the heads' outputs
+    # concatenated ([heads * head_dim], heads in order), the ``attn.heads`` site
+    attn_out: str | None = None
 
     def num_layers(self, config: Any) -> int:
         return int(_first_attr(config, ("num_hidden_layers", "n_layer", "num_layers")))
@@ -48,6 +51,15 @@ class FamilyAdapter:
         value = _first_attr(config, ("intermediate_size", "ffn_dim", "n_inner"), default=None)
         if value is None:  # GPT-2 leaves n_inner unset: 4 * hidden
             value = 4 * int(_first_attr(config, ("hidden_size", "n_embd")))
+        return int(value)
+
+    def num_heads(self, config: Any) -> int:
+        return int(_first_attr(config, ("num_attention_heads", "n_head")))
+
+    def head_dim(self, config: Any) -> int:
+        value = getattr(config, "head_dim", None)  # Gemma 3: 256 per head, heads x head_dim != hidden
+        if value is None:
+            value = int(_first_attr(config, ("hidden_size", "n_embd"))) // self.num_heads(config)
         return int(value)
 
 
@@ -63,7 +75,7 @@ def _first_attr(obj: Any, names: tuple[str, ...], default: Any = ...) -> Any:
 
 _LLAMA_LIKE = dict(
     gated=True, layers_path="model.layers", out_proj="mlp.down_proj", in_proj="mlp.up_proj", gate_proj="mlp.gate_proj",
-    final_modules=("model.norm",), mlp_in_norm="post_attention_layernorm",
+    final_modules=("model.norm",), mlp_in_norm="post_attention_layernorm", attn_out="self_attn.o_proj",
 )
 _GEMMA2_LIKE = {**_LLAMA_LIKE, "mlp_in_norm": "pre_feedforward_layernorm",
                 "mlp_out_norm": "post_feedforward_layernorm", "norm_offset": 1.0}
@@ -80,18 +92,19 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter(
         "gpt2", ("GPT2LMHeadModel",), ("gpt2",), gated=False, layers_path="transformer.h",
         out_proj="mlp.c_proj", in_proj="mlp.c_fc", conv1d=True, final_modules=("transformer.ln_f",),
-        mlp_in_norm="ln_2",
+        mlp_in_norm="ln_2", attn_out="attn.c_proj",
     ),
     FamilyAdapter(
         "opt", ("OPTForCausalLM",), ("opt",), gated=False, layers_path="model.decoder.layers",
         out_proj="fc2", in_proj="fc1",
         final_modules=("model.decoder.final_layer_norm", "model.decoder.project_out"),
-        mlp_in_norm="final_layer_norm",
+        mlp_in_norm="final_layer_norm", attn_out="self_attn.out_proj",
     ),
     FamilyAdapter(
         "gpt_neox", ("GPTNeoXForCausalLM",), ("gpt_neox",), gated=False,
         layers_path="gpt_neox.layers", out_proj="mlp.dense_4h_to_h", in_proj="mlp.dense_h_to_4h",
         final_modules=("gpt_neox.final_layer_norm",), mlp_in_norm="post_attention_layernorm",
+        attn_out="attention.dense",
     ),
 )
 
@@ -121,10 +134,13 @@ def adapter_for_config(config: Any, serving: bool = False) -> FamilyAdapter:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What a neuron set must agree with: layer count and neurons per layer."""
+    """What a neuron set must agree with: layer count and neurons per layer; and the attention
+    heads per layer with their width (0 where unknown: head interventions are then refused)."""
 
     num_layers: int
     intermediate_size: int
+    num_heads: int = 0
+    head_dim: int = 0
 
     @property
     def num_neurons(self) -> int:
@@ -133,4 +149,5 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
         adapter = adapter_for_config(config)
-        return cls(adapter.num_layers(config), adapter.intermediate_size(config))
+        return cls(adapter.num_layers(config), adapter.intermediate_size(config), adapter.num_heads(config),
+                   adapter.head_dim(config))

@@ -1,9 +1,11 @@
 """Sites: the tensors kn-steer reads and writes inside a forward pass, one canonical view for all.
 
-A *site* is named like a TransformerLens hook point. Today there is one:
+A *site* is named like a TransformerLens hook point:
 
 * ``mlp.neurons`` — per layer, the input of the MLP's output projection (``blocks.{l}.mlp.hook_post``
   in TransformerLens terms); ``intermediate_size`` units.
+* ``attn.heads`` — per layer, the input of the attention's output projection: every head's output
+  concatenated (``blocks.{l}.attn.hook_z``, flattened); ``num_heads`` units of ``head_dim`` values.
 
 Where a site lives comes from the family table (:mod:`kn_steer.models.families`); how its tensor is
 laid out is solved here once. Families hand the module different shapes (``[B, T, I]``,
@@ -24,8 +26,9 @@ from torch import nn
 from kn_steer.models.families import FamilyAdapter, adapter_for_config
 
 MLP_NEURONS = "mlp.neurons"
-SITES: tuple[str, ...] = (MLP_NEURONS,)
-SiteName = Literal["mlp.neurons"]
+ATTN_HEADS = "attn.heads"
+SITES: tuple[str, ...] = (MLP_NEURONS, ATTN_HEADS)
+SiteName = Literal["mlp.neurons", "attn.heads"]
 
 #: ``fn(layer, rows)``: ``rows`` is the canonical ``[rows, units]`` view; return a replacement of
 #: the same shape, or None to leave the tensor as it is.
@@ -45,6 +48,10 @@ def _family(model: nn.Module, family: FamilyAdapter | None) -> FamilyAdapter:
 def _site_path(family: FamilyAdapter, site: str) -> str:
     if site == MLP_NEURONS:
         return family.out_proj
+    if site == ATTN_HEADS:
+        if family.attn_out is None:
+            raise ValueError(f"family {family.family!r} names no attention output projection")
+        return family.attn_out
     raise ValueError(f"unknown site {site!r}; known: {', '.join(SITES)}")
 
 
@@ -175,7 +182,7 @@ def site_pre_hook(layer: int, fn: SiteFn) -> Callable[[nn.Module, tuple[Any, ...
             from kn_steer.errors import KnSteerError
 
             raise KnSteerError(
-                f"kn-steer cannot use layer {layer}'s MLP activation: the module received a "
+                f"kn-steer cannot use layer {layer}'s site input (MLP neurons or attention heads): the module received a "
                 f"{type(x).__name__}, not a tensor (fused activation quantization?); serve an "
                 "unquantized model"
             )

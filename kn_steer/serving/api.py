@@ -140,8 +140,8 @@ def steered_tokens(info: dict[str, Any], usage: Any) -> dict[str, int] | None:
         return None
     prompt = getattr(usage, "prompt_tokens", None) or 0
     generated = getattr(usage, "completion_tokens", None) or 0
-    return {"prompt": prompt if info["neurons"]["prompt"] else 0,
-            "generated": generated if info["neurons"]["generated"] else 0}
+    return {"prompt": prompt if metrics.steers(info, "prompt") else 0,
+            "generated": generated if metrics.steers(info, "generated") else 0}
 
 
 def _attach(response: Any, request: Any) -> Any:

@@ -50,15 +50,20 @@ WATCHED_MEAN = _gauge("kn_steer_watched_mean_activation", "Mean value of a watch
 WATCHED_TOKENS = _gauge("kn_steer_watched_tokens", "Tokens counted in the live neuron statistics, per A/B arm", ("arm",))
 
 
+def steers(info: dict[str, Any], kind: str) -> bool:
+    """Whether a request's masks touch any unit (neuron or head) of ``kind`` positions."""
+    return bool(info["neurons"][kind] or info.get("heads", {}).get(kind))
+
+
 def observe_request(info: dict[str, Any] | None, *, error: bool, prompt_tokens: int | None,
                     completion_tokens: int | None) -> None:
-    steered = info is not None and bool(info["neurons"]["prompt"] or info["neurons"]["generated"])
+    steered = info is not None and (steers(info, "prompt") or steers(info, "generated"))
     REQUESTS.labels("true" if steered else "false").inc()
     if not steered or error:
         return
-    if info["neurons"]["prompt"] and prompt_tokens:
+    if steers(info, "prompt") and prompt_tokens:
         TOKENS.labels("prompt").inc(prompt_tokens)
-    if info["neurons"]["generated"] and completion_tokens:
+    if steers(info, "generated") and completion_tokens:
         TOKENS.labels("generated").inc(completion_tokens)
 
 

@@ -4,7 +4,8 @@ Patched (class attributes, idempotent; every name is listed in :mod:`kn_steer.se
 
 * ``Worker.load_model`` (GPU worker; the CPU worker inherits it): after the model is built, outside
   vLLM's "weights" memory pool (so sleep mode never discards it), install the steering state for
-  this rank's layers and neuron slice and a pre-hook on every layer's neuron site. Compilation and
+  this rank's layers, neuron slice and heads, and a pre-hook on every layer's neuron site and
+  attention-heads site (``o_proj``'s input). Compilation and
   CUDA-graph capture come later, so the hooks are traced in. Each hooked ``down_proj`` is marked
   ``requires_unquantized_input`` so fused activation quantization hands it a plain tensor.
 * V1 ``GPUModelRunner._prepare_inputs`` (the CPU runner inherits it): once per step, register new
@@ -33,7 +34,8 @@ import numpy as np
 
 from kn_steer.errors import KnSteerError
 from kn_steer.models.families import adapter_for_config
-from kn_steer.models.sites import site_modules, site_pre_hook
+from kn_steer.models.sites import ATTN_HEADS, site_modules, site_pre_hook
+from kn_steer.serving.ops.head_mask import HeadMaskOp
 from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
 from kn_steer.serving.ops.neuron_read import NeuronReader
 from kn_steer.serving.ops.neuron_stats import MAX_GROUPS, NeuronStats
@@ -60,6 +62,24 @@ def local_slice(module: Any, full_size: int) -> tuple[int, int]:
             f"kn-steer: cannot slice {full_size} neurons into shards of {size} for tensor parallelism"
         )
     return (rank * size if size != full_size else 0), size
+
+
+def _head_op(model: Any, config: Any, family: Any, op: NeuronMaskOp) -> HeadMaskOp:
+    """The attention-head masks of this worker's layers: this rank's heads (vLLM splits the output
+    projection's input by heads), the same slots, dtype, device and guard as the neuron masks."""
+    if family.attn_out is None:
+        raise KnSteerError(f"kn-steer: the family table names no attention output projection for {family.family!r}")
+    modules = site_modules(model, ATTN_HEADS, family, missing_ok=True)
+    if sorted(modules) != op.layers:
+        raise KnSteerError(f"kn-steer: layers with an MLP site {op.layers} and with an attention output "
+                           f"projection {sorted(modules)} differ: cannot steer heads here")
+    heads, head_dim = family.num_heads(config), family.head_dim(config)
+    offset, size = local_slice(next(iter(modules.values())), heads * head_dim)
+    if offset % head_dim or size % head_dim:
+        raise KnSteerError(f"kn-steer: this rank's attention output slice [{offset}, {offset + size}) does not "
+                           f"hold whole heads of {head_dim}")
+    return HeadMaskOp(op.layers, size // head_dim, offset // head_dim, head_dim, op.capacity, op.mul.dtype,
+                      op.mul.device, op.guard)
 
 
 def install(worker: Any) -> WorkerSteering | None:
@@ -95,11 +115,16 @@ def install(worker: Any) -> WorkerSteering | None:
                 name: np.asarray(pairs, dtype=np.int64).reshape(-1, 2) @ np.array([width, 1]) for name, pairs in watch["sets"].items()}
             reader.stats = NeuronStats(sets, sorted(modules), offset, size, width, runner.device, max_tokens,
                                        float(watch.get("threshold", 0.0)), int(watch.get("groups", MAX_GROUPS)))
-    state = WorkerSteering(op, int(mark["slots"]), max_tokens, runner.device, reader)
+    head_op = _head_op(model, config, family, op)
+    state = WorkerSteering(op, int(mark["slots"]), max_tokens, runner.device, reader, head_op)
     for layer, module in modules.items():
         module.requires_unquantized_input = True  # no QuantizedActivation for the hook (vLLM's LoRA does the same)
         hook = site_pre_hook(layer, state.apply)
         state.hooks[layer] = (module, hook, module.register_forward_pre_hook(hook))
+    for layer, module in (site_modules(model, ATTN_HEADS, family, missing_ok=True) if head_op else {}).items():
+        module.requires_unquantized_input = True
+        hook = site_pre_hook(layer, state.apply_heads)
+        state.head_hooks[layer] = (module, hook, module.register_forward_pre_hook(hook))
     setattr(runner, STATE_ATTR, state)
     logger.info("kn-steer: steering %d layers, neurons [%d, %d), %d mask slots (%.1f MiB), read-back %s",
                 len(modules), offset, offset + size, state.table.capacity, op.nbytes / 2**20,

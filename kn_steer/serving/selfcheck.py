@@ -4,13 +4,14 @@ A plugin that hooks the wrong module, whose hook was removed or replaced by some
 hook never made it into the compiled graph would steer nothing while reporting success. So before
 the server answers, each worker
 
-1. checks that its hook is still registered on the module that now sits at every steerable layer's
-   site (a module swapped after install, e.g. by another plugin, fails here), and
+1. checks that its hooks are still registered on the modules that now sit at every steerable
+   layer's sites, neurons and attention heads (a module swapped after install, e.g. by another
+   plugin, fails here), and
 2. pushes a few dummy tokens through the real forward (vLLM's own ``_dummy_run``: the compiled
    graph, or the captured CUDA graph of that size) once with every token reading the identity slot
-   and then, layer by layer, with every token reading a scratch slot that clamps all of that
-   layer's neurons; each layer's probe must change the output, and where read-back is on, reading
-   some of that layer's neurons in the same forward must give back the clamped value.
+   and then, site by site and layer by layer, with every token reading a scratch slot that clamps
+   all of that layer's neurons (or heads); each probe must change the output, and where read-back
+   is on, reading some of that layer's neurons in the same forward must give back the clamped value.
 
 Any failure raises and the engine does not start. The result is kept for ``kn_steer_status``.
 """
@@ -26,7 +27,7 @@ import torch
 
 from kn_steer.errors import KnSteerError
 from kn_steer.models.families import adapter_for_config
-from kn_steer.models.sites import site_modules
+from kn_steer.models.sites import ATTN_HEADS, MLP_NEURONS, site_modules
 from kn_steer.serving.patching import require
 from kn_steer.serving.worker_state import WorkerSteering
 
@@ -52,18 +53,22 @@ def _hidden(out: Any) -> torch.Tensor:
 def check_hooks(runner: Any, state: WorkerSteering) -> None:
     """Every steerable layer's site module is the one we hooked, and the hook is still on it."""
     family = adapter_for_config(runner.model_config.hf_config, serving=True)
-    modules = site_modules(runner.get_model(), family=family, missing_ok=True)
-    if sorted(modules) != list(state.op.layers):
-        raise SelfCheckFailed(f"kn-steer self-check: the model's steerable layers changed after install "
-                              f"(hooked {list(state.op.layers)}, now {sorted(modules)})")
-    for layer, module in modules.items():
-        hooked, hook, _handle = state.hooks[layer]
-        if module is not hooked:
-            raise SelfCheckFailed(f"kn-steer self-check: layer {layer}'s {family.out_proj} was replaced after "
-                                  "kn-steer hooked it (another plugin or wrapper?): refusing to serve")
-        if not any(h is hook for h in module._forward_pre_hooks.values()):
-            raise SelfCheckFailed(f"kn-steer self-check: the kn-steer hook on layer {layer}'s {family.out_proj} "
-                                  "was removed behind its back: refusing to serve")
+    sites = [(MLP_NEURONS, family.out_proj, state.hooks)]
+    if state.head_op is not None:
+        sites.append((ATTN_HEADS, family.attn_out, state.head_hooks))
+    for site, path, hooks in sites:
+        modules = site_modules(runner.get_model(), site, family=family, missing_ok=True)
+        if sorted(modules) != list(state.op.layers):
+            raise SelfCheckFailed(f"kn-steer self-check: the model's steerable layers changed after install "
+                                  f"(hooked {list(state.op.layers)}, now {sorted(modules)} with a {path})")
+        for layer, module in modules.items():
+            hooked, hook, _handle = hooks[layer]
+            if module is not hooked:
+                raise SelfCheckFailed(f"kn-steer self-check: layer {layer}'s {path} was replaced after "
+                                      "kn-steer hooked it (another plugin or wrapper?): refusing to serve")
+            if not any(h is hook for h in module._forward_pre_hooks.values()):
+                raise SelfCheckFailed(f"kn-steer self-check: the kn-steer hook on layer {layer}'s {path} "
+                                      "was removed behind its back: refusing to serve")
 
 
 def run_self_check(runner: Any, state: WorkerSteering) -> dict[str, Any]:
@@ -91,16 +96,17 @@ def run_self_check(runner: Any, state: WorkerSteering) -> dict[str, Any]:
             raise SelfCheckFailed("kn-steer self-check: two identical dummy forwards differ; cannot prove anything")
         dead, unread = [], []
         reader = state.reader
-        for layer in state.op.layers:
-            state.op.fill(PROBE_SLOT, layer, PROBE_VALUE)
-            probe = reader.probe(layer, tokens) if reader is not None else None
-            try:
-                if torch.equal(forward(PROBE_SLOT), base):
-                    dead.append(layer)
-            finally:
-                state.op.reset_slot(PROBE_SLOT)
-                if probe is not None and not (reader.end_probe(probe) == PROBE_VALUE).all():
-                    unread.append(layer)
+        for op in state.ops:
+            for layer in op.layers:
+                op.fill(PROBE_SLOT, layer, PROBE_VALUE)
+                probe = reader.probe(layer, tokens) if reader is not None and op is state.op else None
+                try:
+                    if torch.equal(forward(PROBE_SLOT), base):
+                        dead.append(f"{layer} ({op.site})")
+                finally:
+                    op.reset_slot(PROBE_SLOT)
+                    if probe is not None and not (reader.end_probe(probe) == PROBE_VALUE).all():
+                        unread.append(layer)
     finally:
         state.point_all_at(0, 0)
     if unread:
@@ -110,11 +116,12 @@ def run_self_check(runner: Any, state: WorkerSteering) -> dict[str, Any]:
         )
     if dead:
         raise SelfCheckFailed(
-            f"kn-steer self-check: clamping the neurons of layer(s) {dead} changed nothing in the real forward "
+            f"kn-steer self-check: clamping the units of layer(s) {dead} changed nothing in the real forward "
             "pass (the hook is not in the compiled/captured graph, or its tensors are not the ones read): "
             "refusing to serve"
         )
-    result = {"passed": True, "layers": len(state.op.layers), "tokens": tokens, "read_back": reader is not None,
+    result = {"passed": True, "layers": len(state.op.layers), "sites": [op.site for op in state.ops],
+              "tokens": tokens, "read_back": reader is not None,
               "seconds": round(time.perf_counter() - started, 3)}
     state.self_check = result
     logger.info("kn-steer: self-check passed (%d layers probed through the real forward in %.2f s)",

@@ -23,13 +23,14 @@ GROUP_KEY = "kn_steer_group"  # the A/B arm the API edge drew (live statistics c
 #: offline engines only (the HTTP edge strips it): a group per prompt token for the live statistics
 TOKEN_GROUPS_KEY = "kn_steer_token_groups"
 ENGINE_KEYS = (RAW_KEY, WIRE_KEY, READ_KEY, GROUP_KEY, TOKEN_GROUPS_KEY)  # never passed on as a client's own
-WIRE_VERSION = "kn-steer-3"
+WIRE_VERSION = "kn-steer-4"
 SALT_PREFIX = "kn-steer:"
 
 
 def encode_mask(mask: SparseMask) -> dict[str, bytes]:
     return {"l": mask.layers.astype("<i4").tobytes(), "i": mask.indices.astype("<i4").tobytes(),
-            "m": mask.mul.astype("<f4").tobytes(), "a": mask.add.astype("<f4").tobytes()}
+            "m": mask.mul.astype("<f4").tobytes(), "a": mask.add.astype("<f4").tobytes(),
+            "s": mask.sites.astype("u1").tobytes()}
 
 
 def decode_mask(wire: Mapping[str, Any]) -> SparseMask:
@@ -38,7 +39,9 @@ def decode_mask(wire: Mapping[str, Any]) -> SparseMask:
             return np.frombuffer(value, dtype=dtype).astype(dtype[1:], copy=True)
         return np.asarray(value, dtype=dtype[1:])
 
-    return SparseMask(arr(wire["l"], "<i4"), arr(wire["i"], "<i4"), arr(wire["m"], "<f4"), arr(wire["a"], "<f4"))
+    layers = arr(wire["l"], "<i4")
+    sites = arr(wire["s"], "|u1") if "s" in wire else np.zeros(layers.shape[0], np.uint8)
+    return SparseMask(layers, arr(wire["i"], "<i4"), arr(wire["m"], "<f4"), arr(wire["a"], "<f4"), sites)
 
 
 def encode(compiled: CompiledSteering) -> dict[str, Any]:

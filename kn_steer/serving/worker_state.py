@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kn_steer.serving import mapping
+from kn_steer.serving.ops.head_mask import HeadMaskOp
 from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
 from kn_steer.serving.ops.neuron_read import NeuronReader
 from kn_steer.serving.slots import SlotTable
@@ -43,8 +44,10 @@ class WorkerSteering:
     """Everything a worker needs to steer: see the module docstring."""
 
     def __init__(self, op: NeuronMaskOp, capacity: int, max_tokens: int, device: torch.device | str,
-                 reader: NeuronReader | None = None):
+                 reader: NeuronReader | None = None, head_op: HeadMaskOp | None = None):
         self.op = op
+        self.head_op = head_op
+        self.ops: list[NeuronMaskOp] = [op] + ([head_op] if head_op is not None else [])
         self.reader = reader
         self.table: SlotTable[SparseMask] = SlotTable(capacity)
         self.device = torch.device(device)
@@ -57,6 +60,7 @@ class WorkerSteering:
         self.counters = Counters()
         self.self_check: dict[str, Any] | None = None
         self.hooks: dict[int, tuple[Any, Any, Any]] = {}  # layer -> (module, hook, handle)
+        self.head_hooks: dict[int, tuple[Any, Any, Any]] = {}  # the same, on the attention heads' site
 
     @property
     def stats(self):
@@ -68,6 +72,13 @@ class WorkerSteering:
         if self.reader is not None:  # fixed before tracing: a server without read-back has no op in its graph
             torch.ops.kn_steer.read_neurons(y, layer, self.reader.id)
         return y
+
+    def apply_heads(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.head_op.apply(layer, x, self.token_slots[: x.shape[0]])
+
+    def _write(self, slot: int, mask: SparseMask, clear: bool = False) -> None:
+        for op in self.ops:
+            op.write(slot, mask, self.uploader, clear=clear)
 
     # ----- requests ---------------------------------------------------------------------------
     def seen(self, req_id: str) -> bool:
@@ -111,7 +122,7 @@ class WorkerSteering:
         for key in (state.prompt_key, state.generated_key):
             if key is not None:
                 for change in self.table.release(key):
-                    self.op.write(change.slot, change.mask, self.uploader, clear=True)
+                    self._write(change.slot, change.mask, clear=True)
 
     @property
     def active_requests(self) -> int:
@@ -137,7 +148,7 @@ class WorkerSteering:
         keys = {k for _, s in steered for k in (s.prompt_key, s.generated_key) if k is not None}
         where, changes = self.table.place(keys)
         for change in changes:
-            self.op.write(change.slot, change.mask, self.uploader, clear=change.clear)
+            self._write(change.slot, change.mask, clear=change.clear)
         prompt_slot = np.zeros(num_reqs, dtype=np.int64)
         gen_slot = np.zeros(num_reqs, dtype=np.int64)
         for i, state in steered:
@@ -161,12 +172,13 @@ class WorkerSteering:
     # ----- memory lost (sleep level 2) or inspected -------------------------------------------
     def restore(self) -> None:
         """Rewrite identity everywhere and every resident mask (after the bank's memory was lost)."""
-        self.op.reset()
+        for op in self.ops:
+            op.reset()
         self.token_slots.zero_()
         self._high_water = 0
         self.uploader.begin_step()
         for slot, mask in self.table.resident.items():
-            self.op.write(slot, mask, self.uploader)
+            self._write(slot, mask)
         self.uploader.synchronize()
 
     def status(self) -> dict[str, Any]:
@@ -175,7 +187,9 @@ class WorkerSteering:
             "layers": list(self.op.layers),
             "neurons": {"offset": self.op.offset, "size": self.op.local_size},
             "slots": {"capacity": self.table.capacity, "in_use": self.table.in_use, "masks_known": self.table.known},
-            "bank_bytes": self.op.nbytes,
+            "heads": ({"offset": self.head_op.offset, "size": self.head_op.local_size,
+                       "head_dim": self.head_op.head_dim} if self.head_op is not None else None),
+            "bank_bytes": sum(op.nbytes for op in self.ops),
             "read_back": self.reader.status() if self.reader is not None else None,
             "stats": self.stats.summary() if self.stats is not None else None,
             "active_requests": self.active_requests,

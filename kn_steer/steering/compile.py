@@ -25,7 +25,7 @@ from kn_steer.errors import SpecError
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import NeuronSet
 from kn_steer.steering.limits import RequestLimits
-from kn_steer.steering.masks import CompiledSteering, SparseMask
+from kn_steer.steering.masks import HEADS, NEURONS, CompiledSteering, SparseMask
 from kn_steer.steering.spec import (
     POSITION_KINDS,
     Intervention,
@@ -70,31 +70,42 @@ def lookup_set(sets: Mapping[str, NeuronSet], name: str, where: str) -> NeuronSe
     return sets[name]
 
 
+def _units(iv: Intervention, shape: ModelShape) -> tuple[str, str, int, int]:
+    """(field, unit name, units per layer, site id) of an intervention's explicit units."""
+    if iv.heads is not None:
+        return "heads", "head", shape.num_heads, HEADS
+    return "neurons", "neuron", shape.intermediate_size, NEURONS
+
+
 def _targets(iv: Intervention, where: str, sets: Mapping[str, NeuronSet], shape: ModelShape):
-    """(layers, indices, per-neuron factors, per-neuron values, set) of one intervention, validated."""
+    """(layers, indices, per-unit factors, per-unit values, set) of one intervention, validated."""
     if iv.set is not None:
         ns = lookup_set(sets, iv.set, f"{where}.set")
         return (*_set_arrays(ns), ns)
-    pairs = np.asarray(iv.neurons or [], dtype=np.int64).reshape(-1, 2)
+    field, unit, width, _ = _units(iv, shape)
+    if width <= 0:
+        raise SpecError(f"{where}.{field}: this model's attention heads are unknown to kn-steer")
+    pairs = np.asarray(getattr(iv, field) or [], dtype=np.int64).reshape(-1, 2)
     layers, indices = pairs[:, 0], pairs[:, 1]
     bad_layer = (layers < 0) | (layers >= shape.num_layers)
-    bad_index = (indices < 0) | (indices >= shape.intermediate_size)
+    bad_index = (indices < 0) | (indices >= width)
     bad = np.flatnonzero(bad_layer | bad_index)
     if bad.size:
         k = int(bad[0])
         if bad_layer[k]:
-            raise SpecError(f"{where}.neurons[{k}]: layer {layers[k]} out of range 0..{shape.num_layers - 1}")
-        raise SpecError(f"{where}.neurons[{k}]: index {indices[k]} out of range 0..{shape.intermediate_size - 1}")
-    flat = layers * shape.intermediate_size + indices
+            raise SpecError(f"{where}.{field}[{k}]: layer {layers[k]} out of range 0..{shape.num_layers - 1}")
+        raise SpecError(f"{where}.{field}[{k}]: {'index' if unit == 'neuron' else unit} {indices[k]} out of range "
+                        f"0..{width - 1}")
+    flat = layers * width + indices
     uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
     if uniq.size != flat.size:
         dup = int(uniq[np.flatnonzero(counts > 1)[0]])
         where_first = int(first[np.flatnonzero(counts > 1)[0]])
         again = int(np.flatnonzero(flat == dup)[1])
         raise SpecError(
-            f"{where}.neurons[{again}]: neuron [{dup // shape.intermediate_size}, {dup % shape.intermediate_size}] "
-            f"is listed twice (also at neurons[{where_first}]); list each neuron once per intervention "
-            "(several interventions on one neuron compose: scales multiply, the last clamp wins)"
+            f"{where}.{field}[{again}]: {unit} [{dup // width}, {dup % width}] "
+            f"is listed twice (also at {field}[{where_first}]); list each {unit} once per intervention "
+            f"(several interventions on one {unit} compose: scales multiply, the last clamp wins)"
         )
     none = np.full(len(layers), math.nan)
     return layers, indices, none, none, None
@@ -113,8 +124,28 @@ def _per_neuron(given: float | None, own: np.ndarray, default: float | None, err
     return out
 
 
+Entry = tuple[np.ndarray, bool, np.ndarray, int]  # flat unit ids, is clamp, parameters, site
+
+
+def _fold_sites(entries: list[Entry], shape: ModelShape, limits: RequestLimits, where: str) -> SparseMask:
+    """One mask over every site: each site's entries folded apart (neurons first, then heads)."""
+    parts = []
+    for site, width, unit in ((NEURONS, shape.intermediate_size, "neuron"), (HEADS, shape.num_heads, "head")):
+        mine = [(flat, clamp, param) for flat, clamp, param, s in entries if s == site]
+        mask = _fold(mine, width, limits, where, unit)
+        if mask.size:
+            parts.append((mask, site))
+    if not parts:
+        return SparseMask.empty()
+    if len(parts) == 1 and parts[0][1] == NEURONS:
+        return parts[0][0]
+    cat = lambda name: np.concatenate([getattr(m, name) for m, _ in parts])  # noqa: E731
+    return SparseMask(cat("layers"), cat("indices"), cat("mul"), cat("add"),
+                      np.concatenate([np.full(m.size, site, np.uint8) for m, site in parts]))
+
+
 def _fold(entries: list[tuple[np.ndarray, bool, np.ndarray]], width: int,
-          limits: RequestLimits, where: str) -> SparseMask:
+          limits: RequestLimits, where: str, unit: str = "neuron") -> SparseMask:
     """Fold (flat neuron ids, is clamp, parameters) in request order: scales multiply, the last
     clamp wins over everything; neurons left at exactly ``h * 1 + 0`` are dropped (free). The
     folded doses must be within ``limits`` (a product of scales can exceed each factor's limit)."""
@@ -135,7 +166,7 @@ def _fold(entries: list[tuple[np.ndarray, bool, np.ndarray]], width: int,
     if too_big.size:
         k = int(too_big[0])
         raise SpecError(
-            f"{where}: the interventions scale neuron [{int(uniq[k]) // width}, {int(uniq[k]) % width}] by "
+            f"{where}: the interventions scale {unit} [{int(uniq[k]) // width}, {int(uniq[k]) % width}] by "
             f"{mul[k]:.6g} in all (scales multiply), beyond this server's limit |factor| <= "
             f"{limits.max_abs_factor:g}"
         )
@@ -182,8 +213,7 @@ def compile_spec(
     if len(spec.interventions) > limits.max_interventions:
         raise SpecError(f"{where}.interventions: {len(spec.interventions)} interventions, more than this "
                         f"server's limit of {limits.max_interventions}")
-    width = shape.intermediate_size
-    entries: dict[PositionKind, list[tuple[np.ndarray, bool, np.ndarray]]] = {k: [] for k in POSITION_KINDS}
+    entries: dict[PositionKind, list[Entry]] = {k: [] for k in POSITION_KINDS}
     applied: list[dict[str, Any]] = []
     touched: list[np.ndarray] = []
     for n_iv, iv in enumerate(spec.interventions):
@@ -207,20 +237,23 @@ def compile_spec(
             default = ns.operation.value if ns is not None and ns.operation.op == "clamp" else None
             param = _per_neuron(iv.value, values, default, f"{loc}.value: op 'clamp' on set {iv.set!r} needs a value")
         _check_dose(param, op, limits, loc, iv)
+        field, _, width, site = _units(iv, shape)
         flat = layers * width + indices
-        touched.append(flat)
+        touched.append(flat + (shape.num_neurons if site == HEADS else 0))  # one id space over both sites
         if sum(t.size for t in touched) > limits.max_neurons:  # cheap bound first, exact count below
             distinct = np.unique(np.concatenate(touched)).size
             if distinct > limits.max_neurons:
-                raise SpecError(f"{where}: {distinct} distinct neurons requested, more than this server's "
+                what = "neurons" if all(a.get("heads") is None for a in applied) and site == NEURONS else \
+                    "units (neurons and heads)"
+                raise SpecError(f"{where}: {distinct} distinct {what} requested, more than this server's "
                                 f"limit of {limits.max_neurons}")
         for kind in POSITION_KINDS if iv.positions == "all" else (iv.positions,):
-            entries[kind].append((flat, op == "clamp", param))
+            entries[kind].append((flat, op == "clamp", param, site))
         applied.append({
-            "set": iv.set, "neurons": int(len(layers)), "op": op,
+            "set": iv.set, field: int(len(layers)), "op": op,
             "factor": _dose(param) if op == "scale" else None,
             "value": _dose(param) if op == "clamp" else None,
             "positions": iv.positions, **({"layers": iv.layers} if iv.layers is not None else {}),
         })
-    return CompiledSteering(_fold(entries["prompt"], width, limits, where),
-                            _fold(entries["generated"], width, limits, where), applied)
+    return CompiledSteering(_fold_sites(entries["prompt"], shape, limits, where),
+                            _fold_sites(entries["generated"], shape, limits, where), applied)

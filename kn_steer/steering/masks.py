@@ -1,8 +1,10 @@
-"""Compiled steering: per-neuron multiply-add masks, one per position kind.
+"""Compiled steering: per-unit multiply-add masks, one per position kind.
 
-Every intervention becomes ``h[i] <- h[i] * mul[i] + add[i]`` on the neuron vector ``h``. A
-:class:`SparseMask` lists only the touched neurons; :class:`CompiledSteering` holds the prompt
-and generated masks of one request and what the response reports.
+Every intervention becomes ``h[i] <- h[i] * mul[i] + add[i]`` on a unit ``i`` of a site: an MLP
+neuron (``mlp.neurons``), or an attention head (``attn.heads``: every value of the head's output
+gets the head's ``mul`` and ``add``). A :class:`SparseMask` lists only the touched units, each with
+its site (:data:`SITE_IDS`); :class:`CompiledSteering` holds the prompt and generated masks of one
+request and what the response reports.
 """
 
 from __future__ import annotations
@@ -17,25 +19,42 @@ from kn_steer.models.families import ModelShape
 
 PositionKind = Literal["prompt", "generated"]
 POSITION_KINDS: tuple[PositionKind, ...] = ("prompt", "generated")
+NEURONS, HEADS = 0, 1
+SITE_IDS = {"mlp.neurons": NEURONS, "attn.heads": HEADS}  # a unit's site, as stored in a mask
 
 
 @dataclass(frozen=True)
 class SparseMask:
-    """Neurons whose activation becomes ``h * mul + add``; every other neuron is untouched."""
+    """Units whose value becomes ``h * mul + add``; every other unit is untouched. ``sites``: each
+    unit's site (:data:`SITE_IDS`; all neurons when not given)."""
 
     layers: np.ndarray  # int32
     indices: np.ndarray  # int32
     mul: np.ndarray  # float32
     add: np.ndarray  # float32
+    sites: np.ndarray | None = None  # uint8
+
+    def __post_init__(self) -> None:
+        if self.sites is None:
+            object.__setattr__(self, "sites", np.zeros(self.layers.shape[0], np.uint8))
 
     @property
     def size(self) -> int:
         return int(self.layers.shape[0])
 
+    def of_site(self, site: int) -> "SparseMask":
+        """The units of one site (``NEURONS`` or ``HEADS``)."""
+        keep = self.sites == site
+        if keep.all():
+            return self
+        return SparseMask(self.layers[keep], self.indices[keep], self.mul[keep], self.add[keep], self.sites[keep])
+
     def key(self) -> str:
         digest = hashlib.sha256()
         for arr in (self.layers, self.indices, self.mul, self.add):
             digest.update(np.ascontiguousarray(arr).tobytes())
+        if self.sites.any():  # a neuron-only mask keeps the key it always had
+            digest.update(b"sites" + np.ascontiguousarray(self.sites).tobytes())
         return digest.hexdigest()[:24]
 
     @classmethod
@@ -63,13 +82,16 @@ class CompiledSteering:
         return cls(SparseMask.empty(), SparseMask.empty())
 
 
-def dense_mask(mask: SparseMask, shape: ModelShape, dtype=None, device=None):
-    """(mul, add) as dense ``[layers, intermediate]`` tensors (identity where untouched)."""
+def dense_mask(mask: SparseMask, shape: ModelShape, dtype=None, device=None, site: int = NEURONS):
+    """(mul, add) of one site as dense ``[layers, units]`` tensors (identity where untouched;
+    units: neurons, or heads)."""
     import torch
 
     dtype = dtype or torch.float32
-    mul = torch.ones(shape.num_layers, shape.intermediate_size, dtype=dtype, device=device)
-    add = torch.zeros(shape.num_layers, shape.intermediate_size, dtype=dtype, device=device)
+    mask = mask.of_site(site)
+    units = shape.intermediate_size if site == NEURONS else shape.num_heads
+    mul = torch.ones(shape.num_layers, units, dtype=dtype, device=device)
+    add = torch.zeros(shape.num_layers, units, dtype=dtype, device=device)
     if mask.size:
         l = torch.as_tensor(mask.layers, dtype=torch.long, device=device)
         i = torch.as_tensor(mask.indices, dtype=torch.long, device=device)

@@ -1,7 +1,7 @@
 """The reference intervention in transformers: the compiled masks applied through site hooks.
 
 It applies a :class:`~kn_steer.steering.masks.CompiledSteering` with the same multiply-add as the
-vLLM plugin, so it is both the oracle the plugin is tested against and the offline engine when
+vLLM plugin (on neurons, and on attention heads: every value of a head's output), so it is both the oracle the plugin is tested against and the offline engine when
 vLLM is not installed. Batches must be left-padded (all prompts end at the same position), as
 ``generate`` needs anyway.
 """
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from kn_steer.models.families import ModelShape
-from kn_steer.models.sites import hook_site, remove_hooks
-from kn_steer.steering.masks import CompiledSteering, dense_mask
+from kn_steer.models.sites import ATTN_HEADS, hook_site, remove_hooks
+from kn_steer.steering.masks import HEADS, NEURONS, CompiledSteering, dense_mask
 
 
 @contextmanager
@@ -36,6 +36,11 @@ def steer(model: nn.Module, compiled: CompiledSteering, prompt_length: int) -> I
         kind: dense_mask(compiled.mask(kind), shape, dtype=param.dtype, device=param.device)
         for kind in ("prompt", "generated")
     }
+    heads = {
+        kind: dense_mask(compiled.mask(kind), shape, dtype=param.dtype, device=param.device, site=HEADS)
+        for kind in ("prompt", "generated")
+    }
+    sites = {int(s) for kind in ("prompt", "generated") for s in compiled.mask(kind).sites}
     state: dict[str, torch.Tensor] = {}
 
     def track_positions(_module, args, kwargs):
@@ -55,8 +60,18 @@ def steer(model: nn.Module, compiled: CompiledSteering, prompt_length: int) -> I
         add = torch.where(is_prompt, masks["prompt"][1][layer], masks["generated"][1][layer])
         return rows * mul + add
 
+    def apply_heads(layer: int, rows: torch.Tensor) -> torch.Tensor:
+        is_prompt = state["is_prompt"][:, :, None]
+        mul = torch.where(is_prompt, heads["prompt"][0][layer][:, None], heads["generated"][0][layer][:, None])
+        add = torch.where(is_prompt, heads["prompt"][1][layer][:, None], heads["generated"][1][layer][:, None])
+        per_head = rows.reshape(rows.shape[0], shape.num_heads, -1)  # [rows, heads, head_dim]
+        return (per_head * mul + add).reshape(rows.shape)
+
     handles = [model.register_forward_pre_hook(track_positions, with_kwargs=True)]
-    handles += hook_site(model, apply)
+    if NEURONS in sites:
+        handles += hook_site(model, apply)
+    if HEADS in sites:
+        handles += hook_site(model, apply_heads, site=ATTN_HEADS)
     try:
         yield
     finally:

@@ -41,16 +41,19 @@ Name = Annotated[str, Strict(), Field(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
 class Intervention(BaseModel):
-    """One intervention: a named set or explicit ``[layer, index]`` pairs, and an operation.
+    """One intervention: a named set, explicit ``[layer, index]`` neuron pairs or explicit
+    ``[layer, head]`` attention heads, and an operation.
 
-    A neuron may appear once per intervention (listing it twice is an error, not a compounded
-    dose); several interventions on one neuron compose by the rules of
-    :mod:`kn_steer.steering.compile`."""
+    A unit may appear once per intervention (listing it twice is an error, not a compounded
+    dose); several interventions on one unit compose by the rules of
+    :mod:`kn_steer.steering.compile`. A head's operation applies to every value of its output
+    (the head's slice of the attention output projection's input): ``scale 0`` removes the head."""
 
     model_config = ConfigDict(extra="forbid")
 
     set: Name | None = None
     neurons: Annotated[list[tuple[Index, Index]], Field(max_length=SCHEMA_MAX_PAIRS)] | None = None
+    heads: Annotated[list[tuple[Index, Index]], Field(max_length=SCHEMA_MAX_PAIRS)] | None = None
     op: Literal["scale", "clamp"] | None = None
     factor: Number | None = None
     value: Number | None = None
@@ -59,18 +62,19 @@ class Intervention(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Intervention":
-        if (self.set is None) == (self.neurons is None):
-            raise ValueError("give exactly one of 'set' (a neuron-set name) or 'neurons' ([[layer, index], ...])")
+        if sum(x is not None for x in (self.set, self.neurons, self.heads)) != 1:
+            raise ValueError("give exactly one of 'set' (a neuron-set name), 'neurons' ([[layer, index], ...]) "
+                             "or 'heads' ([[layer, head], ...])")
         for name in ("factor", "value"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"'{name}' must be a finite number, got {v}")
-        if self.neurons is not None:
-            if self.op is None:
-                raise ValueError("explicit 'neurons' need an 'op' ('scale' or 'clamp')")
-        if self.op == "scale" and self.factor is None and self.neurons is not None:
+        explicit = "neurons" if self.neurons is not None else "heads" if self.heads is not None else None
+        if explicit is not None and self.op is None:
+            raise ValueError(f"explicit '{explicit}' need an 'op' ('scale' or 'clamp')")
+        if self.op == "scale" and self.factor is None and explicit is not None:
             raise ValueError("op 'scale' needs a 'factor'")
-        if self.op == "clamp" and self.value is None and self.neurons is not None:
+        if self.op == "clamp" and self.value is None and explicit is not None:
             raise ValueError("op 'clamp' needs a 'value'")
         if self.op == "scale" and self.value is not None:
             raise ValueError("op 'scale' takes 'factor', not 'value'")

@@ -41,6 +41,12 @@ SPECS = {
                                           "op": "clamp", "value": 1.5}]},
     "compose": {"interventions": [{"set": "t-boost"}, {"set": "t-clamp", "factor": None},
                                   {"neurons": [[3, 5], [7, 9]], "op": "scale", "factor": 0.5}]},
+    "heads-ablate": {"interventions": [{"heads": [[l, h] for l in (2, 3, 4) for h in range(9)], "op": "scale",
+                                        "factor": 0.0}]},
+    "heads-and-neurons": {"interventions": [{"set": "t-boost", "positions": "prompt"},
+                                            {"heads": [[1, 0], [5, 4], [5, 8]], "op": "scale", "factor": 3.0},
+                                            {"heads": [[0, 2], [0, 3]], "op": "clamp", "value": 0.5,
+                                             "positions": "generated"}]},
 }
 
 
@@ -90,7 +96,8 @@ def test_steering_changes_output_under_default_compile_mode(llm, tokenizer):
     assert steered.outputs[0].token_ids != plain.outputs[0].token_ids
 
 
-@pytest.mark.parametrize("name", ["none", "silence", "boost-prompt", "clamp-generated", "explicit-clamp", "compose"])
+@pytest.mark.parametrize("name", ["none", "silence", "boost-prompt", "clamp-generated", "explicit-clamp", "compose",
+                                  "heads-ablate", "heads-and-neurons"])
 def test_agrees_with_transformers_reference(llm, tokenizer, default_hf, name):
     model, _ = default_hf
     spec = SPECS.get(name)
@@ -105,9 +112,14 @@ def test_agrees_with_transformers_reference(llm, tokenizer, default_hf, name):
 
 
 def _random_spec(rng: random.Random):
-    kind = rng.randrange(6)
+    kind = rng.randrange(7)
     if kind == 0:
         return None
+    if kind == 6:  # attention heads, beside neurons or alone
+        heads = sorted({(rng.randrange(30), rng.randrange(9)) for _ in range(rng.randrange(3, 40))})
+        ivs = [{"heads": [list(h) for h in heads], "op": "scale", "factor": round(rng.uniform(-1, 3), 3),
+                "positions": rng.choice(["all", "prompt", "generated"])}]
+        return {"interventions": ivs + ([{"set": "t-boost"}] if rng.random() < 0.5 else [])}
     if kind == 1:
         return {"interventions": [{"set": rng.choice(["t-silence", "t-boost", "t-clamp"]),
                                    "positions": rng.choice(["all", "prompt", "generated"])}]}
@@ -161,6 +173,8 @@ def test_prefix_cache_is_salted_by_spec(llm, tokenizer, default_hf):
     ({"interventions": [{"set": "no-such-set"}]}, "unknown neuron set 'no-such-set'"),
     ({"interventions": [{"neurons": [[0, 1536]], "op": "scale", "factor": 2}]}, "index 1536 out of range"),
     ({"interventions": [{"neurons": [[30, 0]], "op": "scale", "factor": 2}]}, "layer 30 out of range"),
+    ({"interventions": [{"heads": [[0, 9]], "op": "scale", "factor": 0}]}, "heads[0]: head 9 out of range 0..8"),
+    ({"interventions": [{"heads": [[0, 1]]}]}, "explicit 'heads' need an 'op'"),
     ({"interventions": [{"neurons": [[0, 1]], "op": "scale", "factor": math.inf}]}, "finite"),
     ({"interventions": [{"neurons": [[0, 1]], "op": "scale", "factor": math.nan}]}, "finite"),
     ({"interventions": [{"set": "t-boost", "op": "explode"}]}, "op"),

@@ -29,6 +29,10 @@ SPECS = {
                                         "op": "clamp", "value": 2.0, "positions": "prompt"}]},
     "scale-generated": {"interventions": [{"neurons": [[layer, i] for layer in range(10, 18) for i in range(0, NEURONS, 5)],
                                            "op": "scale", "factor": 3.0, "positions": "generated"}]},
+    # Gemma-3's heads are 256 wide (4 x 256 = 1024, not the hidden size of 640)
+    "heads": {"interventions": [{"heads": [[layer, h] for layer in range(2, 8) for h in (1, 3)], "op": "scale",
+                                 "factor": 0.0},
+                                {"heads": [[12, 0]], "op": "scale", "factor": 2.5, "positions": "generated"}]},
 }
 ENGINE = dict(dtype="float32", max_model_len=1280, max_num_seqs=16, seed=0, enable_prefix_caching=True)
 

@@ -53,6 +53,23 @@ def test_response_reports_what_was_applied(client):
     assert info["steered_tokens"] == {"prompt": resp.usage.prompt_tokens, "generated": resp.usage.completion_tokens}
 
 
+def test_attention_heads_over_http_report_and_match_offline(client):
+    """A heads-only spec (the prompt's heads of two layers removed) over HTTP: reported as heads,
+    its tokens counted as steered, the same text as the offline engine; a bad head is a 400."""
+    heads = {"interventions": [{"heads": [[l, h] for l in (2, 3) for h in range(9)], "op": "scale", "factor": 0.0,
+                                "positions": "prompt"}]}
+    resp = _complete(client, heads)
+    info = resp.kn_steer
+    assert info["applied"][0]["heads"] == 18 and "neurons" not in info["applied"][0]
+    assert info["heads"] == {"prompt": 18, "generated": 0} and info["neurons"] == {"prompt": 0, "generated": 0}
+    assert info["steered_tokens"] == {"prompt": resp.usage.prompt_tokens, "generated": 0}
+    (offline,) = offline_llm().generate([PROMPT], [greedy(10, heads)], use_tqdm=False)
+    assert offline.outputs[0].text == resp.choices[0].text != _complete(client).choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        _complete(client, {"interventions": [{"heads": [[0, 9]], "op": "scale", "factor": 0.0}]})
+    assert "kn_steer.interventions[0].heads[0]: head 9 out of range 0..8" in str(err.value)
+
+
 def test_chat_completion_is_steered_and_reports(client):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     plain = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=12, temperature=0)
@@ -228,7 +245,7 @@ def test_metrics_show_what_was_steered(srv, client):
 
     assert value("kn_steer_engine_self_check_passed") == 1.0
     assert value("kn_steer_engine_slot_capacity") == 129
-    assert value("kn_steer_engine_bank_bytes") == 2 * 30 * 129 * 1536 * 4
+    assert value("kn_steer_engine_bank_bytes") == 2 * 30 * 129 * (1536 + 9) * 4  # neurons and heads
     assert value("kn_steer_engine_steered_tokens") > 0 and value("kn_steer_engine_steered_requests") > 0
     assert value('kn_steer_requests_total{steered="true"}') >= 1
     assert value('kn_steer_steered_tokens_total{position="prompt"}') > 0

@@ -23,6 +23,10 @@ SPECS = [
                         "positions": "prompt"}]},
     {"interventions": [{"neurons": [[1, i] for i in range(40, 60)], "op": "clamp", "value": -4.0,
                         "positions": "generated"}]},
+    # attention heads on both sides of the TP split (4 heads: 0-1 | 2-3), beside neurons
+    {"interventions": [{"heads": [[l, h] for l in range(3) for h in (0, 3)], "op": "scale", "factor": -2.0},
+                       {"heads": [[1, 2]], "op": "clamp", "value": 0.5, "positions": "prompt"},
+                       {"neurons": [[2, i] for i in range(0, 96, 5)], "op": "scale", "factor": 2.0}]},
 ]
 
 

@@ -184,5 +184,7 @@ def test_the_engine_reports_its_self_check():
 
     (status,) = offline_llm().collective_rpc("kn_steer_status")
     assert status["self_check"]["passed"] and status["self_check"]["layers"] == 30
-    assert status["slots"]["capacity"] == 129 and status["bank_bytes"] == 2 * 30 * 129 * 1536 * 4
+    assert status["self_check"]["sites"] == ["mlp.neurons", "attn.heads"]  # both sites probed in the real forward
+    assert status["heads"] == {"offset": 0, "size": 9, "head_dim": 64}
+    assert status["slots"]["capacity"] == 129 and status["bank_bytes"] == 2 * 30 * 129 * (1536 + 9) * 4
 

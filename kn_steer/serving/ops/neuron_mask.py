@@ -19,13 +19,15 @@ import numpy as np
 import torch
 
 from kn_steer.serving.uploads import Uploader
-from kn_steer.steering.masks import SparseMask
+from kn_steer.steering.masks import NEURONS, SparseMask
 
 
 class NeuronMaskOp:
-    """Per-slot multiply-add rows for the neurons of this worker's layers."""
+    """Per-slot multiply-add rows for the neurons of this worker's layers (a mask's other sites'
+    units are left to their own operations)."""
 
     site = "mlp.neurons"
+    site_id = NEURONS
 
     def __init__(self, layers: Sequence[int], local_size: int, offset: int, capacity: int,
                  dtype: torch.dtype, device: torch.device | str, guard: float):
@@ -50,7 +52,8 @@ class NeuronMaskOp:
         return torch.nan_to_num(y, nan=0.0, posinf=self.guard, neginf=-self.guard)
 
     def write(self, slot: int, mask: SparseMask, uploader: Uploader, clear: bool = False) -> None:
-        """Put ``mask`` into ``slot`` (or restore identity where it was: ``clear``)."""
+        """Put ``mask``'s units of this site into ``slot`` (or restore identity there: ``clear``)."""
+        mask = mask.of_site(self.site_id)
         layers = mask.layers.astype(np.int64)
         in_range = layers < self._row_of.shape[0]
         rows = np.where(in_range, self._row_of[np.minimum(layers, self._row_of.shape[0] - 1)], -1)
@@ -68,7 +71,7 @@ class NeuronMaskOp:
         self.add.view(-1).index_copy_(0, index, uploader.to_device(add).to(self.add.dtype))
 
     def fill(self, slot: int, layer: int, value: float) -> None:
-        """Clamp every neuron of ``layer`` in ``slot`` to ``value`` (the start-up self-check's probe)."""
+        """Clamp every unit of ``layer`` in ``slot`` to ``value`` (the start-up self-check's probe)."""
         row = self._row[layer]
         self.mul[row, slot].zero_()
         self.add[row, slot].fill_(value)

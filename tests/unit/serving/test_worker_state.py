@@ -138,3 +138,42 @@ def test_restore_rewrites_resident_masks_after_memory_loss():
     state.prepare_step(["r"], np.array([1]), np.array([1]), np.array([1]))
     out = state.apply(0, torch.ones(1, 8))
     assert out[0].tolist() == [1.0, 1.0, 7.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+HEADS_SHAPE = ModelShape(num_layers=3, intermediate_size=8, num_heads=4, head_dim=2)
+
+
+def _head_state(capacity: int = 5, local_heads: int = 4, head_offset: int = 0) -> WorkerSteering:
+    from kn_steer.serving.ops.head_mask import HeadMaskOp
+
+    op = NeuronMaskOp([0, 1, 2], 8, 0, capacity, torch.float32, "cpu", 1e4)
+    heads = HeadMaskOp([0, 1, 2], local_heads, head_offset, 2, capacity, torch.float32, "cpu", 1e4)
+    return WorkerSteering(op, capacity, max_tokens=64, device="cpu", head_op=heads)
+
+
+def test_heads_and_neurons_in_one_mask_share_a_slot_and_a_mixed_batch():
+    spec = {"interventions": [{"neurons": [[1, 3]], "op": "scale", "factor": 2.0},
+                              {"heads": [[1, 2], [2, 0]], "op": "scale", "factor": 0.0},
+                              {"heads": [[0, 3]], "op": "clamp", "value": 0.5, "positions": "generated"}]}
+    c = compile_spec(spec, {}, HEADS_SHAPE, UNLIMITED)
+    assert c.prompt.sites.tolist() == [0, 1, 1] and c.generated.sites.tolist() == [0, 1, 1, 1]
+    for rank in range(2):  # two TP ranks, two heads each
+        state = _head_state(local_heads=2, head_offset=2 * rank)
+        _add(state, "s", c)
+        _add(state, "plain", None)
+        state.prepare_step(["plain", "s"], np.array([2, 3]), np.array([0, 1]), np.array([2, 2]))
+        x = torch.randn(5, 4)  # this rank's 2 heads x head_dim 2
+        assert state.table.in_use == 2  # prompt and generated masks, neurons and heads in each
+        for layer in range(3):
+            got = state.apply_heads(layer, x)
+            torch.testing.assert_close(got[:2], x[:2])  # the plain request reads identity
+            for t, is_prompt in ((2, True), (3, False), (4, False)):
+                mul, add = dense_mask(c.mask("prompt" if is_prompt else "generated"), HEADS_SHAPE, site=1)
+                want = (x[t].view(2, 2) * mul[layer, 2 * rank: 2 * rank + 2, None]
+                        + add[layer, 2 * rank: 2 * rank + 2, None]).view(4)
+                torch.testing.assert_close(got[t], want)
+            neurons = state.apply(layer, torch.ones(5, 8))
+            assert neurons[2:, 3].tolist() == ([2.0] * 3 if layer == 1 else [1.0] * 3)
+        state.remove_request("s")
+        assert state.table.in_use == 0
+        assert torch.equal(state.head_op.mul, torch.ones_like(state.head_op.mul))  # every slot back to identity

@@ -289,3 +289,39 @@ def test_too_many_neurons() -> None:
     assert compile_spec(raw, {}, SHAPE, RequestLimits(max_neurons=20)).prompt.size == 20
     with pytest.raises(SpecError, match="20 distinct neurons requested, more than this server.s limit of 19"):
         compile_spec(raw, {}, SHAPE, RequestLimits(max_neurons=19))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_head_masks_act_on_each_heads_slice_of_the_attention_output(family):
+    """Scaling head h of layer 1 by f multiplies exactly its ``head_dim`` values of the attention
+    output projection's input (the other heads and layers untouched), on every family."""
+    from kn_steer.models.sites import ATTN_HEADS, hook_site, remove_hooks
+
+    model = build_tiny_model(family)
+    shape = ModelShape.from_config(model.config)
+    head = shape.num_heads - 1
+    compiled = compile_spec({"interventions": [{"heads": [[1, head]], "op": "scale", "factor": 3.0},
+                                               {"heads": [[2, 0]], "op": "clamp", "value": 0.25}]}, {}, shape)
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def record(store):
+        def fn(layer, rows):
+            store.setdefault(layer, []).append(rows.detach().clone())
+        return fn
+
+    plain, steered = {}, {}
+    handles = hook_site(model, record(plain), site=ATTN_HEADS)
+    with torch.no_grad():
+        model(ids)
+    remove_hooks(handles)
+    with steer(model, compiled, prompt_length=5):
+        handles = hook_site(model, record(steered), site=ATTN_HEADS)  # registered after: sees the steered input
+        with torch.no_grad():
+            model(ids)
+        remove_hooks(handles)
+    d = shape.head_dim
+    torch.testing.assert_close(steered[0][0], plain[0][0])
+    got, base = steered[1][0], plain[1][0]
+    torch.testing.assert_close(got[:, head * d:(head + 1) * d], 3.0 * base[:, head * d:(head + 1) * d])
+    torch.testing.assert_close(got[:, : head * d], base[:, : head * d])
+    assert torch.all(steered[2][0][:, :d] == 0.25)

@@ -102,3 +102,36 @@ def test_every_neuron_of_a_large_model_compiles_and_errors_name_the_entry() -> N
                                          "factor": 2.0}]}, {}, big)
     with pytest.raises(SpecError, match=r"neurons\[1\]: layer 30 out of range 0\.\.29"):
         compile_spec({"interventions": [{"neurons": [[0, 0], [30, 5000]], "op": "clamp", "value": 0}]}, {}, big)
+
+
+HEAD_SHAPE = ModelShape(num_layers=4, intermediate_size=6, num_heads=3, head_dim=4)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"interventions": [{"heads": [[0, 1]]}]}, "explicit 'heads' need an 'op'"),
+    ({"interventions": [{"heads": [[0, 1]], "neurons": [[0, 1]], "op": "scale", "factor": 0.0}]}, "exactly one of"),
+    ({"interventions": [{"heads": [[0, 3]], "op": "scale", "factor": 0.0}]}, r"heads\[0\]: head 3 out of range 0\.\.2"),
+    ({"interventions": [{"heads": [[4, 0]], "op": "scale", "factor": 0.0}]}, r"heads\[0\]: layer 4 out of range"),
+    ({"interventions": [{"heads": [[1, 2], [1, 2]], "op": "scale", "factor": 0.0}]}, r"heads\[1\]: head \[1, 2\] is listed twice"),
+    ({"interventions": [{"heads": [[1, 2]], "op": "scale", "factor": 10.0},
+                        {"heads": [[1, 2]], "op": "scale", "factor": 10.0}]}, r"scale head \[1, 2\] by 100"),
+])
+def test_head_interventions_are_checked(spec, message):
+    from kn_steer.steering.limits import RequestLimits
+
+    with pytest.raises(SpecError, match=message):
+        compile_spec(spec, {}, HEAD_SHAPE, RequestLimits(max_abs_factor=50.0))
+
+
+def test_heads_compose_apart_from_neurons_and_report_their_count():
+    c = compile_spec({"interventions": [{"neurons": [[1, 2]], "op": "scale", "factor": 3.0},
+                                        {"heads": [[1, 2]], "op": "scale", "factor": 2.0},
+                                        {"heads": [[1, 2], [0, 0]], "op": "scale", "factor": 0.5}]}, {}, HEAD_SHAPE)
+    m = c.prompt
+    assert list(zip(m.sites.tolist(), m.layers.tolist(), m.indices.tolist(), m.mul.tolist())) == \
+        [(0, 1, 2, 3.0), (1, 0, 0, 0.5)]  # head [1, 2]: 2 x 0.5 = 1, identity, dropped
+    assert c.applied[1]["heads"] == 1 and "neurons" not in c.applied[1]
+    neuron_only = compile_spec({"interventions": [{"neurons": [[1, 2]], "op": "scale", "factor": 3.0}]}, {}, HEAD_SHAPE)
+    assert neuron_only.prompt.key() != m.key() and neuron_only.prompt.of_site(1).size == 0
+    with pytest.raises(SpecError, match="attention heads are unknown"):
+        compile_spec({"interventions": [{"heads": [[0, 0]], "op": "scale", "factor": 0.0}]}, {}, ModelShape(4, 6))
