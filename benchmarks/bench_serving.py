@@ -183,13 +183,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2-135m", help="a named model (smollm2-135m, gemma3-270m)")
     ap.add_argument("--out", default=None,
                     help="result name under benchmarks/results/ (default: serving; serving_quick with --quick, "
-                         "so a quick run never overwrites the published full run)")
+                         "serving_profile with --profile, so neither overwrites the published full run)")
     ap.add_argument("--log", default=str(common.RESULTS / "logs" / "serving.log"), help="engine logs")
     args = ap.parse_args(argv)
     if args.quick:
         args.sessions, args.reps, args.scaling_reps, args.requests, args.gen_len = 1, 1, 0, 16, 32
-    if args.out is None:
-        args.out = "serving_quick" if args.quick else "serving"
+    if args.out is None:  # a quick or profile run never overwrites the published full run
+        args.out = "serving_profile" if args.profile else "serving_quick" if args.quick else "serving"
     return args
 
 
