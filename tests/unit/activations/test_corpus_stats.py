@@ -29,20 +29,25 @@ TEXTS = [TextItem("a", "the capital of france is paris", "x"), TextItem("b", "is
          TextItem("c", "kenya is located in the continent of africa", "x"), TextItem("d", "the city of rome", "y")]
 
 
+def _site_values(model, row) -> dict[int, torch.Tensor]:
+    """Every layer's ``[tokens, units]`` site values from one unpadded forward of ``row``."""
+    seen = {}
+    handles = hook_site(model, lambda layer, x: seen.__setitem__(layer, x.detach().float().clone()))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([row]))
+    finally:
+        remove_hooks(handles)
+    return seen
+
+
 def _unpadded(model, rows, group_of, n_groups, threshold):
     """The statistics from one unpadded forward per row (no batching, no padding)."""
     shape = ModelShape.from_config(model.config)
     fires = np.zeros((n_groups, shape.num_layers, shape.intermediate_size))
     sums, maxes = np.zeros_like(fires), np.full_like(fires, -np.inf)
     for row, g in zip(rows, group_of):
-        seen = {}
-        handles = hook_site(model, lambda layer, x: seen.__setitem__(layer, x.detach().float().clone()))
-        try:
-            with torch.no_grad():
-                model(torch.tensor([row]))
-        finally:
-            remove_hooks(handles)
-        for layer, x in seen.items():
+        for layer, x in _site_values(model, row).items():
             fires[g, layer] += (x > threshold).sum(0).numpy()
             sums[g, layer] += x.double().sum(0).numpy()
             maxes[g, layer] = np.maximum(maxes[g, layer], x.max(0).values.numpy())
@@ -83,14 +88,7 @@ def _unpadded_per_token(model, corpus, threshold):
     fires = np.zeros((n, shape.num_layers, shape.intermediate_size))
     sums = np.zeros_like(fires)
     for i, row in enumerate(corpus.rows):
-        seen = {}
-        handles = hook_site(model, lambda layer, x: seen.__setitem__(layer, x.detach().float().clone()))
-        try:
-            with torch.no_grad():
-                model(torch.tensor([row]))
-        finally:
-            remove_hooks(handles)
-        for layer, x in seen.items():
+        for layer, x in _site_values(model, row).items():
             for j, g in enumerate(corpus.row_groups(i)):
                 fires[g, layer] += (x[j] > threshold).numpy()
                 sums[g, layer] += x[j].double().numpy()
