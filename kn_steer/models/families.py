@@ -43,6 +43,10 @@ class FamilyAdapter:
     # path inside a layer of the attention's output projection: its input is the heads' outputs
     # concatenated ([heads * head_dim], heads in order), the ``attn.heads`` site
     attn_out: str | None = None
+    # vLLM's decoder layers of this family return ``(hidden, residual)``, the residual add deferred to
+    # the next layer's fused add-norm: the residual stream (``resid.post``) is their sum. transformers'
+    # layers return the stream itself (a tensor, or a tuple that starts with it)
+    vllm_residual_pair: bool = False
 
     def num_layers(self, config: Any) -> int:
         return int(_first_attr(config, ("num_hidden_layers", "n_layer", "num_layers")))
@@ -56,10 +60,13 @@ class FamilyAdapter:
     def num_heads(self, config: Any) -> int:
         return int(_first_attr(config, ("num_attention_heads", "n_head")))
 
+    def hidden_size(self, config: Any) -> int:
+        return int(_first_attr(config, ("hidden_size", "n_embd", "d_model")))
+
     def head_dim(self, config: Any) -> int:
         value = getattr(config, "head_dim", None)  # Gemma 3: 256 per head, heads x head_dim != hidden
         if value is None:
-            value = int(_first_attr(config, ("hidden_size", "n_embd"))) // self.num_heads(config)
+            value = self.hidden_size(config) // self.num_heads(config)
         return int(value)
 
 
@@ -76,6 +83,7 @@ def _first_attr(obj: Any, names: tuple[str, ...], default: Any = ...) -> Any:
 _LLAMA_LIKE = dict(
     gated=True, layers_path="model.layers", out_proj="mlp.down_proj", in_proj="mlp.up_proj", gate_proj="mlp.gate_proj",
     final_modules=("model.norm",), mlp_in_norm="post_attention_layernorm", attn_out="self_attn.o_proj",
+    vllm_residual_pair=True,
 )
 _GEMMA2_LIKE = {**_LLAMA_LIKE, "mlp_in_norm": "pre_feedforward_layernorm",
                 "mlp_out_norm": "post_feedforward_layernorm", "norm_offset": 1.0}
@@ -134,13 +142,15 @@ def adapter_for_config(config: Any, serving: bool = False) -> FamilyAdapter:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What a neuron set must agree with: layer count and neurons per layer; and the attention
-    heads per layer with their width (0 where unknown: head interventions are then refused)."""
+    """What a neuron set must agree with: layer count and neurons per layer; the attention heads
+    per layer with their width, and the residual stream's width (0 where unknown: head and
+    direction interventions are then refused)."""
 
     num_layers: int
     intermediate_size: int
     num_heads: int = 0
     head_dim: int = 0
+    hidden_size: int = 0
 
     @property
     def num_neurons(self) -> int:
@@ -150,4 +160,4 @@ class ModelShape:
     def from_config(cls, config: Any) -> "ModelShape":
         adapter = adapter_for_config(config)
         return cls(adapter.num_layers(config), adapter.intermediate_size(config), adapter.num_heads(config),
-                   adapter.head_dim(config))
+                   adapter.head_dim(config), adapter.hidden_size(config))

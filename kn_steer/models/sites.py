@@ -6,6 +6,9 @@ A *site* is named like a TransformerLens hook point:
   in TransformerLens terms); ``intermediate_size`` units.
 * ``attn.heads`` — per layer, the input of the attention's output projection: every head's output
   concatenated (``blocks.{l}.attn.hook_z``, flattened); ``num_heads`` units of ``head_dim`` values.
+* ``resid.post`` — per layer, the residual stream after the decoder layer (``blocks.{l}.hook_resid_post``);
+  ``hidden_size`` values. transformers' layers return it; vLLM's llama-like layers return it as two
+  tensors whose sum it is (family table: ``vllm_residual_pair``). :func:`hook_residual` hides that.
 
 Where a site lives comes from the family table (:mod:`kn_steer.models.families`); how its tensor is
 laid out is solved here once. Families hand the module different shapes (``[B, T, I]``,
@@ -27,8 +30,9 @@ from kn_steer.models.families import FamilyAdapter, adapter_for_config
 
 MLP_NEURONS = "mlp.neurons"
 ATTN_HEADS = "attn.heads"
-SITES: tuple[str, ...] = (MLP_NEURONS, ATTN_HEADS)
-SiteName = Literal["mlp.neurons", "attn.heads"]
+RESID_POST = "resid.post"
+SITES: tuple[str, ...] = (MLP_NEURONS, ATTN_HEADS, RESID_POST)
+SiteName = Literal["mlp.neurons", "attn.heads", "resid.post"]
 
 #: ``fn(layer, rows)``: ``rows`` is the canonical ``[rows, units]`` view; return a replacement of
 #: the same shape, or None to leave the tensor as it is.
@@ -200,6 +204,42 @@ def hook_site(model: nn.Module, fn: SiteFn, site: str = MLP_NEURONS, layers: Seq
     modules = site_modules(model, site, family, missing_ok=missing_ok)
     wanted = modules if layers is None else {l: modules[l] for l in layers if l in modules}
     return [m.register_forward_pre_hook(site_pre_hook(l, fn)) for l, m in wanted.items()]
+
+
+#: ``fn(layer, stream)``: ``stream`` is the canonical ``[rows, hidden]`` view of the residual stream after
+#: the layer; return what to *add* to it (same shape), or None to leave it
+ResidualFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+def residual_hook(layer: int, fn: ResidualFn, paired: bool) -> Callable[..., Any]:
+    """A forward hook on a decoder layer that adds ``fn``'s delta to the stream it outputs.
+
+    ``paired``: the layer returns ``(hidden, residual)`` (vLLM) and the stream is their sum; the
+    delta goes into ``residual``, so the next layer's fused add-norm (or the final norm) sees it.
+    Otherwise the layer returns the stream, alone or first in a tuple (transformers)."""
+
+    def hook(_module: nn.Module, _args: Any, out: Any) -> Any:
+        if paired:
+            hidden, residual = out[0], out[1]
+            delta = fn(layer, canonical(hidden + residual))
+            return out if delta is None else (hidden, residual + delta.reshape(residual.shape), *out[2:])
+        stream = out[0] if isinstance(out, tuple) else out
+        delta = fn(layer, canonical(stream))
+        if delta is None:
+            return None
+        stream = stream + delta.reshape(stream.shape)
+        return (stream, *out[1:]) if isinstance(out, tuple) else stream
+
+    return hook
+
+
+def hook_residual(model: nn.Module, fn: ResidualFn, paired: bool = False, layers: Sequence[int] | None = None,
+                  family: FamilyAdapter | None = None) -> list[Any]:
+    """Register ``fn`` on the residual stream after every decoder layer (or ``layers``)."""
+    family = _family(model, family)
+    blocks = decoder_layers(model, family)
+    wanted = range(len(blocks)) if layers is None else layers
+    return [blocks[l].register_forward_hook(residual_hook(l, fn, paired)) for l in wanted]
 
 
 #: ``fn(layer, fires)``: ``fires`` is a boolean ``[rows, units]`` view (rows as for sites)

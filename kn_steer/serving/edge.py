@@ -30,7 +30,7 @@ from kn_steer.serving import hooks, wire
 from kn_steer.serving.context import ServingContext, current_context, load_context
 from kn_steer.serving.wire import ENGINE_KEYS, GROUP_KEY, RAW_KEY, READ_KEY, TOKEN_GROUPS_KEY, WIRE_KEY
 from kn_steer.steering.compile import compile_spec
-from kn_steer.steering.masks import HEADS, NEURONS, CompiledSteering
+from kn_steer.steering.masks import HEADS, NEURONS, RESID_ABLATE, RESID_ADD, CompiledSteering
 from kn_steer.steering.presets import expand, with_preset
 from kn_steer.steering.read import ReadPlan, compile_read
 from kn_steer.steering.spec import MAX_UNIT_CHARS, SteeringSpec, parse_spec
@@ -141,6 +141,10 @@ def resolve(ctx: ServingContext, raw: Any, request_id: str | None) -> Resolved:
     heads = {k: compiled.mask(k).of_site(HEADS).size for k in ("prompt", "generated")}
     if any(heads.values()):
         info["heads"] = heads
+    directions = {k: sorted({int(l) for site in (RESID_ADD, RESID_ABLATE) for l in compiled.mask(k).of_site(site).layers})
+                  for k in ("prompt", "generated")}
+    if any(directions.values()):
+        info["direction_layers"] = directions  # the layers whose output stream a direction changes
     if read is not None:  # the values come with the finished response (kn_steer.read)
         spec = spec.model_copy(update={"read": read_spec})
     return Resolved(spec, compiled, info, read)

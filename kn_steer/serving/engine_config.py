@@ -127,22 +127,25 @@ def watched(ctx: Any, read: dict[str, Any]) -> dict[str, Any]:
             "sets": sets}
 
 
-def bank_slots(config: Any, num_layers: int, intermediate: int, dtype_bytes: int) -> tuple[int, bool]:
+def bank_slots(config: Any, shape: Any, dtype_bytes: int) -> tuple[int, bool]:
     """(slots per worker, whether admission control is needed).
 
     The worst case, every running request with two distinct masks, needs ``2 * max_num_seqs + 1``
     slots; a bank that size for Llama-3.1-8B at vLLM's GPU default of 1024 sequences would take
     3.5 GiB from the KV cache. So the bank gets a memory budget (``KN_STEER_BANK_MIB``, 256 MiB),
     and when it holds fewer slots than the worst case, the scheduler admits no more distinct masks
-    than there are slots (:mod:`kn_steer.serving.admission`), as it does for ``max_loras``."""
+    than there are slots (:mod:`kn_steer.serving.admission`), as it does for ``max_loras``. A slot
+    holds a multiply-add pair per neuron and per head (this rank's share) in the model's dtype, and
+    an added and an ablated float32 vector per layer (the whole residual stream)."""
     settings = load_settings()
     par = config.parallel_config
     needed = 2 * int(config.scheduler_config.max_num_seqs) + 1
     if settings.slots is not None:
         return settings.slots, settings.slots < needed
-    local_layers = math.ceil(num_layers / max(1, par.pipeline_parallel_size))
-    local_size = math.ceil(intermediate / max(1, par.tensor_parallel_size))
-    per_slot = local_layers * local_size * 2 * dtype_bytes
+    tp = max(1, par.tensor_parallel_size)
+    local_layers = math.ceil(shape.num_layers / max(1, par.pipeline_parallel_size))
+    local_units = math.ceil(shape.intermediate_size / tp) + math.ceil(shape.num_heads / tp)
+    per_slot = local_layers * (local_units * 2 * dtype_bytes + shape.hidden_size * 2 * 4)
     slots = max(3, min(needed, settings.bank_bytes // per_slot))
     return slots, slots < needed
 
@@ -205,7 +208,7 @@ def wrap_create_engine_config(orig):
                 raise ConfigurationRefused("kn-steer cannot steer this vLLM configuration:\n  - "
                                            + "\n  - ".join(found) + f"\n(or {FIX})")
             dtype_bytes = int(getattr(model_config.dtype, "itemsize", 4))
-            slots, admission = bank_slots(config, ctx.shape.num_layers, ctx.shape.intermediate_size, dtype_bytes)
+            slots, admission = bank_slots(config, ctx.shape, dtype_bytes)
             read = read_back(config)
             entry.update(slots=slots, admission=admission, guard=ctx.limits.max_abs_value, read=read,
                          stats=watched(ctx, read))

@@ -51,8 +51,8 @@ WATCHED_TOKENS = _gauge("kn_steer_watched_tokens", "Tokens counted in the live n
 
 
 def steers(info: dict[str, Any], kind: str) -> bool:
-    """Whether a request's masks touch any unit (neuron or head) of ``kind`` positions."""
-    return bool(info["neurons"][kind] or info.get("heads", {}).get(kind))
+    """Whether a request's masks touch any unit (neuron, head or direction) of ``kind`` positions."""
+    return bool(info["neurons"][kind] or info.get("heads", {}).get(kind) or info.get("direction_layers", {}).get(kind))
 
 
 def observe_request(info: dict[str, Any] | None, *, error: bool, prompt_tokens: int | None,

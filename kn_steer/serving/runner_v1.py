@@ -5,7 +5,8 @@ Patched (class attributes, idempotent; every name is listed in :mod:`kn_steer.se
 * ``Worker.load_model`` (GPU worker; the CPU worker inherits it): after the model is built, outside
   vLLM's "weights" memory pool (so sleep mode never discards it), install the steering state for
   this rank's layers, neuron slice and heads, and a pre-hook on every layer's neuron site and
-  attention-heads site (``o_proj``'s input). Compilation and
+  attention-heads site (``o_proj``'s input), and a forward hook on every decoder layer (the
+  residual stream it outputs, ``resid.post``). Compilation and
   CUDA-graph capture come later, so the hooks are traced in. Each hooked ``down_proj`` is marked
   ``requires_unquantized_input`` so fused activation quantization hands it a plain tensor.
 * V1 ``GPUModelRunner._prepare_inputs`` (the CPU runner inherits it): once per step, register new
@@ -34,7 +35,8 @@ import numpy as np
 
 from kn_steer.errors import KnSteerError
 from kn_steer.models.families import adapter_for_config
-from kn_steer.models.sites import ATTN_HEADS, site_modules, site_pre_hook
+from kn_steer.models.sites import ATTN_HEADS, decoder_layers, residual_hook, site_modules, site_pre_hook
+from kn_steer.serving.ops.direction import DirectionOp
 from kn_steer.serving.ops.head_mask import HeadMaskOp
 from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
 from kn_steer.serving.ops.neuron_read import NeuronReader
@@ -116,7 +118,11 @@ def install(worker: Any) -> WorkerSteering | None:
             reader.stats = NeuronStats(sets, sorted(modules), offset, size, width, runner.device, max_tokens,
                                        float(watch.get("threshold", 0.0)), int(watch.get("groups", MAX_GROUPS)))
     head_op = _head_op(model, config, family, op)
-    state = WorkerSteering(op, int(mark["slots"]), max_tokens, runner.device, reader, head_op)
+    if not family.vllm_residual_pair:
+        raise KnSteerError(f"kn-steer: the family table does not say how vLLM's {family.family!r} layers hand on "
+                           "the residual stream: cannot steer directions")
+    direction_op = DirectionOp(op.layers, family.hidden_size(config), op.capacity, runner.device, op.guard)
+    state = WorkerSteering(op, int(mark["slots"]), max_tokens, runner.device, reader, head_op, direction_op)
     for layer, module in modules.items():
         module.requires_unquantized_input = True  # no QuantizedActivation for the hook (vLLM's LoRA does the same)
         hook = site_pre_hook(layer, state.apply)
@@ -125,6 +131,10 @@ def install(worker: Any) -> WorkerSteering | None:
         module.requires_unquantized_input = True
         hook = site_pre_hook(layer, state.apply_heads)
         state.head_hooks[layer] = (module, hook, module.register_forward_pre_hook(hook))
+    blocks = decoder_layers(model, family)
+    for layer in direction_op.layers:
+        hook = residual_hook(layer, state.apply_directions, paired=True)
+        state.direction_hooks[layer] = (blocks[layer], hook, blocks[layer].register_forward_hook(hook))
     setattr(runner, STATE_ATTR, state)
     logger.info("kn-steer: steering %d layers, neurons [%d, %d), %d mask slots (%.1f MiB), read-back %s",
                 len(modules), offset, offset + size, state.table.capacity, op.nbytes / 2**20,

@@ -5,12 +5,13 @@ hook never made it into the compiled graph would steer nothing while reporting s
 the server answers, each worker
 
 1. checks that its hooks are still registered on the modules that now sit at every steerable
-   layer's sites, neurons and attention heads (a module swapped after install, e.g. by another
-   plugin, fails here), and
+   layer's sites, neurons, attention heads and the decoder layer whose output stream directions
+   steer (a module swapped after install, e.g. by another plugin, fails here), and
 2. pushes a few dummy tokens through the real forward (vLLM's own ``_dummy_run``: the compiled
    graph, or the captured CUDA graph of that size) once with every token reading the identity slot
    and then, site by site and layer by layer, with every token reading a scratch slot that clamps
-   all of that layer's neurons (or heads); each probe must change the output, and where read-back
+   all of that layer's neurons (or heads), or adds a vector to its output stream; each probe must
+   change the output, and where read-back
    is on, reading some of that layer's neurons in the same forward must give back the clamped value.
 
 Any failure raises and the engine does not start. The result is kept for ``kn_steer_status``.
@@ -27,7 +28,7 @@ import torch
 
 from kn_steer.errors import KnSteerError
 from kn_steer.models.families import adapter_for_config
-from kn_steer.models.sites import ATTN_HEADS, MLP_NEURONS, site_modules
+from kn_steer.models.sites import ATTN_HEADS, MLP_NEURONS, decoder_layers, site_modules
 from kn_steer.serving.patching import require
 from kn_steer.serving.worker_state import WorkerSteering
 
@@ -62,13 +63,21 @@ def check_hooks(runner: Any, state: WorkerSteering) -> None:
             raise SelfCheckFailed(f"kn-steer self-check: the model's steerable layers changed after install "
                                   f"(hooked {list(state.op.layers)}, now {sorted(modules)} with a {path})")
         for layer, module in modules.items():
-            hooked, hook, _handle = hooks[layer]
-            if module is not hooked:
-                raise SelfCheckFailed(f"kn-steer self-check: layer {layer}'s {path} was replaced after "
-                                      "kn-steer hooked it (another plugin or wrapper?): refusing to serve")
-            if not any(h is hook for h in module._forward_pre_hooks.values()):
-                raise SelfCheckFailed(f"kn-steer self-check: the kn-steer hook on layer {layer}'s {path} "
-                                      "was removed behind its back: refusing to serve")
+            _check_hook(layer, path, module, hooks[layer], module._forward_pre_hooks)
+    if state.direction_op is not None:
+        blocks = decoder_layers(runner.get_model(), family)
+        for layer in state.direction_op.layers:
+            _check_hook(layer, "decoder layer", blocks[layer], state.direction_hooks[layer], blocks[layer]._forward_hooks)
+
+
+def _check_hook(layer: int, path: str, module: Any, hooked: tuple[Any, Any, Any], registered: Any) -> None:
+    module_hooked, hook, _handle = hooked
+    if module is not module_hooked:
+        raise SelfCheckFailed(f"kn-steer self-check: layer {layer}'s {path} was replaced after "
+                              "kn-steer hooked it (another plugin or wrapper?): refusing to serve")
+    if not any(h is hook for h in registered.values()):
+        raise SelfCheckFailed(f"kn-steer self-check: the kn-steer hook on layer {layer}'s {path} "
+                              "was removed behind its back: refusing to serve")
 
 
 def run_self_check(runner: Any, state: WorkerSteering) -> dict[str, Any]:

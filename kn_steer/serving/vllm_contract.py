@@ -153,6 +153,9 @@ READS: tuple[Read, ...] = (
     Read("RowParallelLinear (down_proj, o_proj)", ("input_size_per_partition", "tp_rank", "tp_size",
                                                    "requires_unquantized_input"),
          "this rank's neuron slice and heads; ask for an unquantized input (written, as vLLM's LoRA layers do)"),
+    Read("decoder layers (LlamaDecoderLayer, Qwen2/3DecoderLayer, Gemma3DecoderLayer)", ("forward -> (hidden, residual)",),
+         "a forward hook adds a direction's delta to the residual stream, which vLLM hands on as the sum of "
+         "the two outputs (family table: vllm_residual_pair)"),
     Read("Scheduler (instance)", ("running", "waiting", "kv_holding_waiting", "vllm_config"),
          "admission: the masks of running requests and the waiting queue"),
     Read("RequestQueue", ("remove_requests", "prepend_requests", "add_request"), "withhold and restore waiting requests"),

@@ -23,7 +23,7 @@ GROUP_KEY = "kn_steer_group"  # the A/B arm the API edge drew (live statistics c
 #: offline engines only (the HTTP edge strips it): a group per prompt token for the live statistics
 TOKEN_GROUPS_KEY = "kn_steer_token_groups"
 ENGINE_KEYS = (RAW_KEY, WIRE_KEY, READ_KEY, GROUP_KEY, TOKEN_GROUPS_KEY)  # never passed on as a client's own
-WIRE_VERSION = "kn-steer-4"
+WIRE_VERSION = "kn-steer-5"
 SALT_PREFIX = "kn-steer:"
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kn_steer.serving import mapping
+from kn_steer.serving.ops.direction import DirectionOp
 from kn_steer.serving.ops.head_mask import HeadMaskOp
 from kn_steer.serving.ops.neuron_mask import NeuronMaskOp
 from kn_steer.serving.ops.neuron_read import NeuronReader
@@ -44,10 +45,12 @@ class WorkerSteering:
     """Everything a worker needs to steer: see the module docstring."""
 
     def __init__(self, op: NeuronMaskOp, capacity: int, max_tokens: int, device: torch.device | str,
-                 reader: NeuronReader | None = None, head_op: HeadMaskOp | None = None):
+                 reader: NeuronReader | None = None, head_op: HeadMaskOp | None = None,
+                 direction_op: DirectionOp | None = None):
         self.op = op
         self.head_op = head_op
-        self.ops: list[NeuronMaskOp] = [op] + ([head_op] if head_op is not None else [])
+        self.direction_op = direction_op
+        self.ops: list[NeuronMaskOp | DirectionOp] = [o for o in (op, head_op, direction_op) if o is not None]
         self.reader = reader
         self.table: SlotTable[SparseMask] = SlotTable(capacity)
         self.device = torch.device(device)
@@ -61,6 +64,7 @@ class WorkerSteering:
         self.self_check: dict[str, Any] | None = None
         self.hooks: dict[int, tuple[Any, Any, Any]] = {}  # layer -> (module, hook, handle)
         self.head_hooks: dict[int, tuple[Any, Any, Any]] = {}  # the same, on the attention heads' site
+        self.direction_hooks: dict[int, tuple[Any, Any, Any]] = {}  # the same, forward hooks on decoder layers
 
     @property
     def stats(self):
@@ -75,6 +79,10 @@ class WorkerSteering:
 
     def apply_heads(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.head_op.apply(layer, x, self.token_slots[: x.shape[0]])
+
+    def apply_directions(self, layer: int, stream: torch.Tensor) -> torch.Tensor:
+        """What to add to the residual stream after ``layer`` (zero for unsteered tokens)."""
+        return self.direction_op.apply(layer, stream, self.token_slots[: stream.shape[0]])
 
     def _write(self, slot: int, mask: SparseMask, clear: bool = False) -> None:
         for op in self.ops:
@@ -189,6 +197,7 @@ class WorkerSteering:
             "slots": {"capacity": self.table.capacity, "in_use": self.table.in_use, "masks_known": self.table.known},
             "heads": ({"offset": self.head_op.offset, "size": self.head_op.local_size,
                        "head_dim": self.head_op.head_dim} if self.head_op is not None else None),
+            "directions": ({"hidden": self.direction_op.local_size} if self.direction_op is not None else None),
             "bank_bytes": sum(op.nbytes for op in self.ops),
             "read_back": self.reader.status() if self.reader is not None else None,
             "stats": self.stats.summary() if self.stats is not None else None,

@@ -1,9 +1,13 @@
 """Compiled steering: per-unit multiply-add masks, one per position kind.
 
-Every intervention becomes ``h[i] <- h[i] * mul[i] + add[i]`` on a unit ``i`` of a site: an MLP
-neuron (``mlp.neurons``), or an attention head (``attn.heads``: every value of the head's output
-gets the head's ``mul`` and ``add``). A :class:`SparseMask` lists only the touched units, each with
-its site (:data:`SITE_IDS`); :class:`CompiledSteering` holds the prompt and generated masks of one
+Every neuron or head intervention becomes ``h[i] <- h[i] * mul[i] + add[i]`` on a unit ``i`` of a
+site: an MLP neuron (``mlp.neurons``), or an attention head (``attn.heads``: every value of the
+head's output gets the head's ``mul`` and ``add``). A residual-stream direction (``resid.post``, a
+decoder layer's output) is stored as units too, one per hidden dimension of each layer it touches:
+``RESID_ADD`` units carry the vector added (``add``), ``RESID_ABLATE`` units the unit vector whose
+component is removed (its coordinates, also in ``add``; ``mul`` is 0), so that a layer's stream
+becomes ``h - (h . u) u + a``. A :class:`SparseMask` lists only the touched units, each with its
+site (:data:`SITE_IDS`); :class:`CompiledSteering` holds the prompt and generated masks of one
 request and what the response reports.
 """
 
@@ -19,8 +23,9 @@ from kn_steer.models.families import ModelShape
 
 PositionKind = Literal["prompt", "generated"]
 POSITION_KINDS: tuple[PositionKind, ...] = ("prompt", "generated")
-NEURONS, HEADS = 0, 1
-SITE_IDS = {"mlp.neurons": NEURONS, "attn.heads": HEADS}  # a unit's site, as stored in a mask
+NEURONS, HEADS, RESID_ADD, RESID_ABLATE = 0, 1, 2, 3
+#: a unit's site, as stored in a mask (both direction ids live on the ``resid.post`` site)
+SITE_IDS = {"mlp.neurons": NEURONS, "attn.heads": HEADS, "resid.add": RESID_ADD, "resid.ablate": RESID_ABLATE}
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class SparseMask:
         return int(self.layers.shape[0])
 
     def of_site(self, site: int) -> "SparseMask":
-        """The units of one site (``NEURONS`` or ``HEADS``)."""
+        """The units of one site id (:data:`SITE_IDS`)."""
         keep = self.sites == site
         if keep.all():
             return self
@@ -98,3 +103,21 @@ def dense_mask(mask: SparseMask, shape: ModelShape, dtype=None, device=None, sit
         mul[l, i] = torch.as_tensor(mask.mul, device=device).to(dtype)
         add[l, i] = torch.as_tensor(mask.add, device=device).to(dtype)
     return mul, add
+
+
+def dense_directions(mask: SparseMask, shape: ModelShape, dtype=None, device=None):
+    """(add, unit) of the residual-stream site as dense ``[layers, hidden]`` tensors (zero where
+    untouched): the stream after layer ``l`` becomes ``h - (h . unit[l]) unit[l] + add[l]``."""
+    import torch
+
+    dtype = dtype or torch.float32
+    out = []
+    for site in (RESID_ADD, RESID_ABLATE):
+        part = mask.of_site(site)
+        dense = torch.zeros(shape.num_layers, shape.hidden_size, dtype=dtype, device=device)
+        if part.size:
+            dense[torch.as_tensor(part.layers, dtype=torch.long, device=device),
+                  torch.as_tensor(part.indices, dtype=torch.long, device=device)] = \
+                torch.as_tensor(part.add, device=device).to(dtype)
+        out.append(dense)
+    return out[0], out[1]

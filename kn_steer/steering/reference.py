@@ -1,7 +1,9 @@
 """The reference intervention in transformers: the compiled masks applied through site hooks.
 
 It applies a :class:`~kn_steer.steering.masks.CompiledSteering` with the same multiply-add as the
-vLLM plugin (on neurons, and on attention heads: every value of a head's output), so it is both the oracle the plugin is tested against and the offline engine when
+vLLM plugin (on neurons; on attention heads: every value of a head's output; on the residual
+stream after a layer: ``h - (h . u) u + a``), so it is both the oracle the plugin is tested against
+and the offline engine when
 vLLM is not installed. Batches must be left-padded (all prompts end at the same position), as
 ``generate`` needs anyway.
 """
@@ -15,8 +17,8 @@ import torch
 from torch import nn
 
 from kn_steer.models.families import ModelShape
-from kn_steer.models.sites import ATTN_HEADS, hook_site, remove_hooks
-from kn_steer.steering.masks import HEADS, NEURONS, CompiledSteering, dense_mask
+from kn_steer.models.sites import ATTN_HEADS, hook_residual, hook_site, remove_hooks
+from kn_steer.steering.masks import HEADS, NEURONS, RESID_ABLATE, RESID_ADD, CompiledSteering, dense_directions, dense_mask
 
 
 @contextmanager
@@ -40,6 +42,8 @@ def steer(model: nn.Module, compiled: CompiledSteering, prompt_length: int) -> I
         kind: dense_mask(compiled.mask(kind), shape, dtype=param.dtype, device=param.device, site=HEADS)
         for kind in ("prompt", "generated")
     }
+    directions = {kind: dense_directions(compiled.mask(kind), shape, device=param.device)
+                  for kind in ("prompt", "generated")}
     sites = {int(s) for kind in ("prompt", "generated") for s in compiled.mask(kind).sites}
     state: dict[str, torch.Tensor] = {}
 
@@ -67,11 +71,20 @@ def steer(model: nn.Module, compiled: CompiledSteering, prompt_length: int) -> I
         per_head = rows.reshape(rows.shape[0], shape.num_heads, -1)  # [rows, heads, head_dim]
         return (per_head * mul + add).reshape(rows.shape)
 
+    def apply_directions(layer: int, stream: torch.Tensor) -> torch.Tensor:
+        is_prompt = state["is_prompt"]
+        add = torch.where(is_prompt, directions["prompt"][0][layer], directions["generated"][0][layer])
+        unit = torch.where(is_prompt, directions["prompt"][1][layer], directions["generated"][1][layer])
+        delta = add - (stream.float() * unit).sum(-1, keepdim=True) * unit
+        return delta.to(stream.dtype)
+
     handles = [model.register_forward_pre_hook(track_positions, with_kwargs=True)]
     if NEURONS in sites:
         handles += hook_site(model, apply)
     if HEADS in sites:
         handles += hook_site(model, apply_heads, site=ATTN_HEADS)
+    if sites & {RESID_ADD, RESID_ABLATE}:
+        handles += hook_residual(model, apply_directions)
     try:
         yield
     finally:

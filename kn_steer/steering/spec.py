@@ -40,35 +40,51 @@ Number = Annotated[float, Strict()]
 Name = Annotated[str, Strict(), Field(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
+MAX_DIRECTION_DIMS = 65536  # a hidden size; the model's own is checked at compile time
+
+NEURON_OPS = ("scale", "clamp")
+DIRECTION_OPS = ("add", "ablate")
+
+
 class Intervention(BaseModel):
-    """One intervention: a named set, explicit ``[layer, index]`` neuron pairs or explicit
-    ``[layer, head]`` attention heads, and an operation.
+    """One intervention: a named set, explicit ``[layer, index]`` neuron pairs, explicit
+    ``[layer, head]`` attention heads or a residual-stream ``direction``, and an operation.
 
     A unit may appear once per intervention (listing it twice is an error, not a compounded
     dose); several interventions on one unit compose by the rules of
     :mod:`kn_steer.steering.compile`. A head's operation applies to every value of its output
-    (the head's slice of the attention output projection's input): ``scale 0`` removes the head."""
+    (the head's slice of the attention output projection's input): ``scale 0`` removes the head.
+    A direction (``hidden_size`` numbers) acts on the residual stream after each of ``layers``:
+    ``add`` adds ``alpha * direction``; ``ablate`` removes the stream's component along it."""
 
     model_config = ConfigDict(extra="forbid")
 
     set: Name | None = None
     neurons: Annotated[list[tuple[Index, Index]], Field(max_length=SCHEMA_MAX_PAIRS)] | None = None
     heads: Annotated[list[tuple[Index, Index]], Field(max_length=SCHEMA_MAX_PAIRS)] | None = None
-    op: Literal["scale", "clamp"] | None = None
+    direction: Annotated[list[Number], Field(min_length=1, max_length=MAX_DIRECTION_DIMS)] | None = None
+    op: Literal["scale", "clamp", "add", "ablate"] | None = None
     factor: Number | None = None
     value: Number | None = None
+    alpha: Number | None = None
     layers: Annotated[list[Index], Field(max_length=4096)] | None = None
     positions: Literal["all", "prompt", "generated"] = "all"
 
     @model_validator(mode="after")
     def _check(self) -> "Intervention":
-        if sum(x is not None for x in (self.set, self.neurons, self.heads)) != 1:
-            raise ValueError("give exactly one of 'set' (a neuron-set name), 'neurons' ([[layer, index], ...]) "
-                             "or 'heads' ([[layer, head], ...])")
-        for name in ("factor", "value"):
+        if sum(x is not None for x in (self.set, self.neurons, self.heads, self.direction)) != 1:
+            raise ValueError("give exactly one of 'set' (a set name), 'neurons' ([[layer, index], ...]), "
+                             "'heads' ([[layer, head], ...]) or 'direction' (hidden_size numbers)")
+        for name in ("factor", "value", "alpha"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"'{name}' must be a finite number, got {v}")
+        if self.direction is not None:
+            return self._check_direction()
+        if self.op in DIRECTION_OPS and self.set is None:
+            raise ValueError(f"op {self.op!r} acts on a 'direction'; neurons and heads take 'scale' or 'clamp'")
+        if self.alpha is not None and self.set is None:
+            raise ValueError("'alpha' belongs to op 'add' on a direction")
         explicit = "neurons" if self.neurons is not None else "heads" if self.heads is not None else None
         if explicit is not None and self.op is None:
             raise ValueError(f"explicit '{explicit}' need an 'op' ('scale' or 'clamp')")
@@ -76,10 +92,25 @@ class Intervention(BaseModel):
             raise ValueError("op 'scale' needs a 'factor'")
         if self.op == "clamp" and self.value is None and explicit is not None:
             raise ValueError("op 'clamp' needs a 'value'")
-        if self.op == "scale" and self.value is not None:
-            raise ValueError("op 'scale' takes 'factor', not 'value'")
-        if self.op == "clamp" and self.factor is not None:
-            raise ValueError("op 'clamp' takes 'value', not 'factor'")
+        if self.op in ("scale", "add", "ablate") and self.value is not None:
+            raise ValueError(f"op {self.op!r} takes {'factor' if self.op == 'scale' else 'no value'}, not 'value'")
+        if self.op in ("clamp", "add", "ablate") and self.factor is not None:
+            raise ValueError(f"op {self.op!r} takes {'value' if self.op == 'clamp' else 'no factor'}, not 'factor'")
+        if self.op in NEURON_OPS + ("ablate",) and self.alpha is not None:
+            raise ValueError(f"op {self.op!r} takes no 'alpha' ('alpha' belongs to op 'add')")
+        return self
+
+    def _check_direction(self) -> "Intervention":
+        if self.op not in DIRECTION_OPS:
+            raise ValueError("a 'direction' needs an 'op': 'add' (with 'alpha') or 'ablate'")
+        if self.layers is None:
+            raise ValueError("a 'direction' needs 'layers': the layers whose output stream it acts on")
+        if self.factor is not None or self.value is not None:
+            raise ValueError("a 'direction' takes 'alpha' (op 'add'), not 'factor' or 'value'")
+        if self.op == "add" and self.alpha is None:
+            raise ValueError("op 'add' needs an 'alpha' (the direction is added alpha times)")
+        if self.op == "ablate" and self.alpha is not None:
+            raise ValueError("op 'ablate' takes no 'alpha': it removes the whole component along the direction")
         return self
 
 

@@ -33,6 +33,12 @@ PROMPTS = [
     "Once upon a time, in a small village,",
     "The largest planet in our solar system is",
 ]
+def _unit_vector(seed: int, size: int = 576) -> list[float]:
+    v = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    return (v / v.norm()).tolist()
+
+
+DIRECTION, OTHER_DIRECTION = _unit_vector(0), _unit_vector(1)
 SPECS = {
     "silence": {"interventions": [{"set": "t-silence"}]},
     "boost-prompt": {"interventions": [{"set": "t-boost", "positions": "prompt"}]},
@@ -47,6 +53,14 @@ SPECS = {
                                             {"heads": [[1, 0], [5, 4], [5, 8]], "op": "scale", "factor": 3.0},
                                             {"heads": [[0, 2], [0, 3]], "op": "clamp", "value": 0.5,
                                              "positions": "generated"}]},
+    "direction-add": {"interventions": [{"direction": DIRECTION, "op": "add", "alpha": 12.0, "layers": [3, 10]}]},
+    "direction-ablate": {"interventions": [{"direction": DIRECTION, "op": "ablate", "layers": list(range(30))},
+                                           {"direction": OTHER_DIRECTION, "op": "add", "alpha": 6.0, "layers": [20],
+                                            "positions": "generated"}]},
+    "everything": {"interventions": [{"set": "t-boost", "positions": "prompt"},
+                                     {"heads": [[1, 0], [5, 4]], "op": "scale", "factor": 2.0},
+                                     {"direction": DIRECTION, "op": "ablate", "layers": [2, 4]},
+                                     {"direction": OTHER_DIRECTION, "op": "add", "alpha": -8.0, "layers": [6]}]},
 }
 
 
@@ -97,7 +111,8 @@ def test_steering_changes_output_under_default_compile_mode(llm, tokenizer):
 
 
 @pytest.mark.parametrize("name", ["none", "silence", "boost-prompt", "clamp-generated", "explicit-clamp", "compose",
-                                  "heads-ablate", "heads-and-neurons"])
+                                  "heads-ablate", "heads-and-neurons", "direction-add", "direction-ablate",
+                                  "everything"])
 def test_agrees_with_transformers_reference(llm, tokenizer, default_hf, name):
     model, _ = default_hf
     spec = SPECS.get(name)
@@ -112,9 +127,15 @@ def test_agrees_with_transformers_reference(llm, tokenizer, default_hf, name):
 
 
 def _random_spec(rng: random.Random):
-    kind = rng.randrange(7)
+    kind = rng.randrange(8)
     if kind == 0:
         return None
+    if kind == 7:  # residual directions, beside neurons or alone
+        layers = sorted(rng.sample(range(30), rng.randrange(1, 6)))
+        ivs = [{"direction": _unit_vector(rng.randrange(100)), "op": "add", "alpha": round(rng.uniform(-20, 20), 2),
+                "layers": layers, "positions": rng.choice(["all", "prompt", "generated"])},
+               {"direction": _unit_vector(rng.randrange(100)), "op": "ablate", "layers": layers[:1]}]
+        return {"interventions": ivs + ([{"set": "t-silence"}] if rng.random() < 0.5 else [])}
     if kind == 6:  # attention heads, beside neurons or alone
         heads = sorted({(rng.randrange(30), rng.randrange(9)) for _ in range(rng.randrange(3, 40))})
         ivs = [{"heads": [list(h) for h in heads], "op": "scale", "factor": round(rng.uniform(-1, 3), 3),

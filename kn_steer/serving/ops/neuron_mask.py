@@ -22,6 +22,21 @@ from kn_steer.serving.uploads import Uploader
 from kn_steer.steering.masks import NEURONS, SparseMask
 
 
+def bank_positions(mask: SparseMask, row_of: np.ndarray, offset: int, local_size: int, capacity: int, slot: int
+                   ) -> tuple[np.ndarray | None, np.ndarray]:
+    """Flat positions in a ``[layers, slots, units]`` bank of ``mask``'s units that this worker
+    holds (its layers, its ``[offset, offset + local_size)`` slice), and which units those are;
+    (None, ...) when it holds none."""
+    layers = mask.layers.astype(np.int64)
+    in_range = layers < row_of.shape[0]
+    rows = np.where(in_range, row_of[np.minimum(layers, row_of.shape[0] - 1)], -1)
+    local = (rows >= 0) & (mask.indices >= offset) & (mask.indices < offset + local_size)
+    if not local.any():
+        return None, local
+    flat = (rows[local] * capacity + slot) * local_size + (mask.indices[local].astype(np.int64) - offset)
+    return flat, local
+
+
 class NeuronMaskOp:
     """Per-slot multiply-add rows for the neurons of this worker's layers (a mask's other sites'
     units are left to their own operations)."""
@@ -54,13 +69,9 @@ class NeuronMaskOp:
     def write(self, slot: int, mask: SparseMask, uploader: Uploader, clear: bool = False) -> None:
         """Put ``mask``'s units of this site into ``slot`` (or restore identity there: ``clear``)."""
         mask = mask.of_site(self.site_id)
-        layers = mask.layers.astype(np.int64)
-        in_range = layers < self._row_of.shape[0]
-        rows = np.where(in_range, self._row_of[np.minimum(layers, self._row_of.shape[0] - 1)], -1)
-        local = (rows >= 0) & (mask.indices >= self.offset) & (mask.indices < self.offset + self.local_size)
-        if not local.any():
+        flat, local = bank_positions(mask, self._row_of, self.offset, self.local_size, self.capacity, slot)
+        if flat is None:
             return
-        flat = (rows[local] * self.capacity + slot) * self.local_size + (mask.indices[local].astype(np.int64) - self.offset)
         if clear:
             mul = np.ones(flat.shape[0], dtype=np.float32)
             add = np.zeros(flat.shape[0], dtype=np.float32)

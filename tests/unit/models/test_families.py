@@ -111,7 +111,7 @@ def test_default_model_shape(default_hf) -> None:
     model, _ = default_hf
     adapter = adapter_for_config(model.config)
     assert adapter.family == "llama" and adapter.gated and adapter.serving
-    assert ModelShape.from_config(model.config) == ModelShape(30, 1536, 9, 64)  # SmolLM2-135M: 9 heads of 64
+    assert ModelShape.from_config(model.config) == ModelShape(30, 1536, 9, 64, 576)  # SmolLM2-135M: 9 heads of 64, stream 576
     assert neuron_module_names(model.config)[7] == "model.layers.7.mlp.down_proj"
     assert len(neuron_modules(model)) == 30
     assert read_vectors(model, 0).shape == (1536, 576)
@@ -157,7 +157,7 @@ def test_gemma3_neurons_on_the_real_model() -> None:
     adapter = adapter_for_config(model.config)
     assert adapter.family == "gemma3" and adapter.gated and adapter.serving
     assert model.config.model_type == "gemma3_text"
-    assert ModelShape.from_config(model.config) == ModelShape(18, 2048, 4, 256)  # Gemma-3-270M: 4 heads of 256 (not hidden / heads)
+    assert ModelShape.from_config(model.config) == ModelShape(18, 2048, 4, 256, 640)  # Gemma-3-270M (stream 640): 4 heads of 256 (not hidden / heads)
     assert neuron_module_names(model.config)[17] == "model.layers.17.mlp.down_proj"
     assert model.config.hidden_activation == "gelu_pytorch_tanh"
     gate = get_path(decoder_layers(model)[5], "mlp.gate_proj")
@@ -177,4 +177,4 @@ def test_gemma3_gguf_config_without_architectures() -> None:
                                   num_hidden_layers=2, num_attention_heads=2, head_dim=16)
     assert not getattr(config, "architectures", None)
     assert adapter_for_config(config).family == "gemma3"
-    assert ModelShape.from_config(config) == ModelShape(2, 96, 2, 16)
+    assert ModelShape.from_config(config) == ModelShape(2, 96, 2, 16, 64)

@@ -177,3 +177,43 @@ def test_heads_and_neurons_in_one_mask_share_a_slot_and_a_mixed_batch():
         state.remove_request("s")
         assert state.table.in_use == 0
         assert torch.equal(state.head_op.mul, torch.ones_like(state.head_op.mul))  # every slot back to identity
+
+
+DIR_SHAPE = ModelShape(num_layers=3, intermediate_size=8, num_heads=4, head_dim=2, hidden_size=6)
+
+
+def test_directions_add_and_ablate_per_request_in_a_mixed_batch():
+    """A request that adds at layer 0 and ablates-then-adds at layer 2, beside a plain request and a
+    neuron-only request: each token's stream changes by exactly its own request's delta."""
+    from kn_steer.serving.ops.direction import DirectionOp
+    from kn_steer.steering.masks import dense_directions
+
+    v = [1.0, -2.0, 0.0, 0.5, 3.0, 1.0]
+    w = [0.0, 1.0, 1.0, 0.0, 0.0, -1.0]
+    spec = {"interventions": [{"direction": v, "op": "add", "alpha": 2.0, "layers": [0, 2]},
+                              {"direction": w, "op": "ablate", "layers": [2], "positions": "generated"},
+                              {"neurons": [[1, 3]], "op": "scale", "factor": 2.0}]}
+    c = compile_spec(spec, {}, DIR_SHAPE, UNLIMITED)
+    other = compile_spec({"interventions": [{"neurons": [[1, 3]], "op": "scale", "factor": 5.0}]}, {}, DIR_SHAPE,
+                         UNLIMITED)
+    op = NeuronMaskOp([0, 1, 2], 8, 0, 5, torch.float32, "cpu", 1e4)
+    state = WorkerSteering(op, 5, max_tokens=64, device="cpu", direction_op=DirectionOp([0, 1, 2], 6, 5, "cpu", 1e4))
+    _add(state, "plain", None)
+    _add(state, "d", c)
+    _add(state, "n", other)
+    state.prepare_step(["plain", "d", "n"], np.array([2, 3, 1]), np.array([0, 1, 4]), np.array([2, 2, 3]))
+    stream = torch.randn(6, 6)
+    for layer in range(3):
+        delta = state.apply_directions(layer, stream)
+        assert torch.equal(delta[:2], torch.zeros(2, 6)) and torch.equal(delta[5], torch.zeros(6))
+        for t, kind in ((2, "prompt"), (3, "generated"), (4, "generated")):
+            add, unit = dense_directions(c.mask(kind), DIR_SHAPE)
+            want = add[layer] - (stream[t] @ unit[layer]) * unit[layer]
+            torch.testing.assert_close(delta[t], want)
+    # the ablation removes the whole component along w: none is left after it
+    unit = torch.tensor(w) / torch.tensor(w).norm()
+    after = stream[3] + state.apply_directions(2, stream)[3] - 2.0 * torch.tensor(v)
+    assert abs(float(after @ unit)) < 1e-5
+    state.remove_request("d")
+    assert torch.equal(state.direction_op.add, torch.zeros_like(state.direction_op.add))
+    assert torch.equal(state.direction_op.unit, torch.zeros_like(state.direction_op.unit))

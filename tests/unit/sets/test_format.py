@@ -75,7 +75,7 @@ def _write_raw(tmp_path: Path, mutate) -> Path:
         (lambda r: r.update(operation={"op": "clamp"}), "needs a 'value'"),
         (lambda r: r.update(operation={"op": "scale", "factor": float("inf")}), "finite"),
         (lambda r: r["neurons"][0].update(factor=float("nan")), "finite"),
-        (lambda r: r.update(format_version=2), "format_version"),
+        (lambda r: r.update(format_version=3), "format_version"),
         (lambda r: r.update(surprise=1), "surprise"),
         (lambda r: r["model"].pop("fingerprint"), "model.fingerprint"),
     ],
@@ -114,7 +114,7 @@ def test_identity_of_default_model(default_ref, default_hf) -> None:
     identity = model_identity(default_ref, default_hf[0].config)
     assert identity == ModelIdentity(name="smollm2-135m", fingerprint=default_ref.fingerprint,
                                      architecture="LlamaForCausalLM", num_layers=30,
-                                     intermediate_size=1536)
+                                     intermediate_size=1536, num_heads=9, hidden_size=576)
 
 
 def test_neuron_tokens_on_default_model(default_ref, default_hf) -> None:
@@ -152,3 +152,44 @@ def test_plot_is_written_atomically(tmp_path: Path) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["capitals.png"]
     unscored = make_set(neurons=[Neuron(layer=1, index=2)])
     assert plot_distribution(unscored, tmp_path / "u.png").stat().st_size > 1000
+
+
+def test_version_2_carries_heads_and_directions_and_neuron_sets_stay_version_1(tmp_path: Path) -> None:
+    from kn_steer.sets.format import Direction, Head
+
+    v2_model = IDENTITY.model_copy(update={"num_heads": 9, "hidden_size": 4})
+    plain = make_set(model=v2_model)  # a neuron set written by this version: what version-1 readers expect
+    raw = json.loads(plain.to_json())
+    assert raw["format_version"] == 1 and "heads" not in raw and "directions" not in raw
+    assert set(raw["model"]) == {"name", "fingerprint", "architecture", "num_layers", "intermediate_size"}
+    assert NeuronSet.load(plain.save(tmp_path / "plain.json")).neurons == plain.neurons
+    heads = make_set(name="heads", model=v2_model, neurons=[], heads=[Head(layer=2, head=8, score=1.0)])
+    direction = make_set(name="refusal", model=v2_model, neurons=[], operation=Operation(op="ablate"),
+                         directions=[Direction(layer=5, vector=[0.5, -1.0, 0.0, 2.0], label="harmful - harmless")])
+    for ns in (heads, direction):
+        loaded = NeuronSet.load(ns.save(tmp_path / f"{ns.name}.json"))
+        assert loaded == ns and loaded.format_version == 2
+        assert json.loads((tmp_path / f"{ns.name}.json").read_text())["format_version"] == 2
+    assert direction.kind == "directions" and heads.kind == "heads" and plain.kind == "neurons"
+    assert direction.counts_per_layer() == {5: 1}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(neurons=[], operation=Operation(op="ablate"), directions=[{"layer": 1, "vector": [1.0, 2.0]}]),
+     "has 2 values; the model's residual stream has 4"),
+    (dict(neurons=[], operation=Operation(op="ablate"), directions=[{"layer": 30, "vector": [1.0] * 4}]),
+     "out of range"),
+    (dict(neurons=[], operation=Operation(op="ablate"), directions=[{"layer": 1, "vector": [0.0] * 4}]), "all zeros"),
+    (dict(operation=Operation(op="ablate"), directions=[{"layer": 1, "vector": [1.0] * 4}]), "acts on directions"),
+    (dict(neurons=[], directions=[{"layer": 1, "vector": [1.0] * 4}]), "needs operation 'add' or 'ablate'"),
+    (dict(neurons=[], operation=Operation(op="ablate"),
+          directions=[{"layer": 1, "vector": [1.0] * 4}, {"layer": 1, "vector": [2.0] * 4}]), "two directions at layer 1"),
+    (dict(neurons=[], heads=[{"layer": 1, "head": 9}]), "out of range for a model with 30 layers x 9 heads"),
+    (dict(neurons=[], heads=[{"layer": 1, "head": 2}, {"layer": 1, "head": 2}]), "listed twice"),
+])
+def test_version_2_units_are_validated_against_the_model(overrides, message) -> None:
+    from pydantic import ValidationError
+
+    v2_model = IDENTITY.model_copy(update={"num_heads": 9, "hidden_size": 4})
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_set(model=v2_model, **overrides)

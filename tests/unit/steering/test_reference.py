@@ -325,3 +325,39 @@ def test_head_masks_act_on_each_heads_slice_of_the_attention_output(family):
     torch.testing.assert_close(got[:, head * d:(head + 1) * d], 3.0 * base[:, head * d:(head + 1) * d])
     torch.testing.assert_close(got[:, : head * d], base[:, : head * d])
     assert torch.all(steered[2][0][:, :d] == 0.25)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_direction_add_and_ablate_act_on_the_stream_after_each_layer(family):
+    """``add`` shifts the stream after layer 1 by exactly alpha * v; ``ablate`` leaves no component
+    along u after layer 2; other layers' streams only change through what flows from those."""
+    from kn_steer.models.sites import hook_residual, remove_hooks
+
+    model = build_tiny_model(family)
+    shape = ModelShape.from_config(model.config)
+    gen = torch.Generator().manual_seed(1)
+    v, u = torch.randn(shape.hidden_size, generator=gen), torch.randn(shape.hidden_size, generator=gen)
+    compiled = compile_spec({"interventions": [
+        {"direction": v.tolist(), "op": "add", "alpha": 0.5, "layers": [1]},
+        {"direction": u.tolist(), "op": "ablate", "layers": [2]}]}, {}, shape)
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def record(store):
+        def fn(layer, rows):
+            store[layer] = rows.detach().clone()
+        return fn
+
+    plain, steered, inputs = {}, {}, {}
+    handles = hook_residual(model, record(plain))
+    with torch.no_grad():
+        model(ids)
+    remove_hooks(handles)
+    with steer(model, compiled, prompt_length=5):
+        handles = hook_residual(model, record(steered))  # registered after: sees the steered stream
+        with torch.no_grad():
+            model(ids)
+        remove_hooks(handles)
+    torch.testing.assert_close(steered[0], plain[0])
+    torch.testing.assert_close(steered[1], plain[1] + 0.5 * v.to(plain[1].dtype), rtol=1e-5, atol=1e-5)
+    along = steered[2].float() @ (u / u.norm())
+    assert along.abs().max() < 1e-4 * steered[2].abs().max()

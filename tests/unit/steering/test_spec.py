@@ -135,3 +135,87 @@ def test_heads_compose_apart_from_neurons_and_report_their_count():
     assert neuron_only.prompt.key() != m.key() and neuron_only.prompt.of_site(1).size == 0
     with pytest.raises(SpecError, match="attention heads are unknown"):
         compile_spec({"interventions": [{"heads": [[0, 0]], "op": "scale", "factor": 0.0}]}, {}, ModelShape(4, 6))
+
+
+DIR_SHAPE = ModelShape(num_layers=4, intermediate_size=6, num_heads=2, head_dim=2, hidden_size=3)
+
+
+@pytest.mark.parametrize("iv, message", [
+    ({"direction": [1.0, 0.0], "op": "add", "alpha": 1.0, "layers": [0]}, "interventions[0].direction: 2 values"),
+    ({"direction": [0.0, 0.0, 0.0], "op": "ablate", "layers": [0]}, "all zeros"),
+    ({"direction": [1.0, 0.0, 0.0], "op": "add", "alpha": 1.0}, "needs 'layers'"),
+    ({"direction": [1.0, 0.0, 0.0], "op": "add", "layers": [1]}, "needs an 'alpha'"),
+    ({"direction": [1.0, 0.0, 0.0], "op": "scale", "factor": 2.0, "layers": [1]}, "'add' (with 'alpha') or 'ablate'"),
+    ({"direction": [1.0, 0.0, 0.0], "op": "ablate", "alpha": 2.0, "layers": [1]}, "takes no 'alpha'"),
+    ({"direction": [1.0, 0.0, 0.0], "op": "add", "alpha": 1.0, "layers": [4]}, "layers: [4] out of range 0..3"),
+    ({"direction": [1.0, 0.0, 0.0], "op": "add", "alpha": 1.0, "layers": [1, 1]}, "listed twice"),
+    ({"direction": [1.0, 0.0, 0.0], "op": "add", "alpha": 2e4, "layers": [1]}, "beyond this server's limit |value|"),
+    ({"neurons": [[0, 1]], "op": "add", "alpha": 1.0}, "acts on a 'direction'"),
+    ({"neurons": [[0, 1]], "op": "scale", "factor": 2.0, "alpha": 1.0}, "'alpha' belongs to op 'add'"),
+    ({"direction": [1.0, "x", 0.0], "op": "add", "alpha": 1.0, "layers": [1]}, "direction[1]"),
+])
+def test_direction_interventions_are_checked(iv, message):
+    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]").replace("|", r"\|")):
+        compile_spec({"interventions": [iv]}, {}, DIR_SHAPE)
+
+
+def test_directions_fold_per_layer_and_kind():
+    """Adds sum; an ablation is stored as its unit vector; one ablated direction per layer."""
+    from kn_steer.steering.masks import RESID_ABLATE, RESID_ADD, dense_directions
+
+    spec = {"interventions": [
+        {"direction": [1.0, 2.0, 0.0], "op": "add", "alpha": 2.0, "layers": [1, 3]},
+        {"direction": [0.0, 1.0, 1.0], "op": "add", "alpha": -1.0, "layers": [1], "positions": "prompt"},
+        {"direction": [0.0, 3.0, 4.0], "op": "ablate", "layers": [3], "positions": "generated"},
+        {"neurons": [[0, 1]], "op": "scale", "factor": 0.0}]}
+    c = compile_spec(spec, {}, DIR_SHAPE)
+    add, unit = dense_directions(c.prompt, DIR_SHAPE)
+    assert add[1].tolist() == [2.0, 3.0, -1.0] and add[3].tolist() == [2.0, 4.0, 0.0]
+    assert not unit.any()
+    add, unit = dense_directions(c.generated, DIR_SHAPE)
+    assert add[1].tolist() == [2.0, 4.0, 0.0]
+    assert np.allclose(unit[3].tolist(), [0.0, 0.6, 0.8]) and not unit[:3].any()
+    assert set(c.generated.sites.tolist()) == {0, RESID_ADD, RESID_ABLATE}
+    assert c.applied[0] == {"set": None, "direction": 2, "op": "add", "alpha": 2.0, "norm": pytest.approx(5 ** 0.5),
+                            "positions": "all", "layers": [1, 3]}
+    assert c.prompt.key() != compile_spec({"interventions": spec["interventions"][3:]}, {}, DIR_SHAPE).prompt.key()
+    with pytest.raises(SpecError, match="two different directions are ablated at layer 3"):
+        compile_spec({"interventions": [spec["interventions"][2],
+                                        {**spec["interventions"][2], "direction": [1.0, 0.0, 0.0]}]}, {}, DIR_SHAPE)
+    with pytest.raises(SpecError, match="coordinate 1 of layer 1's"):  # the limit holds after summing
+        compile_spec({"interventions": [{"direction": [0.0, 1.0, 0.0], "op": "add", "alpha": 6e3, "layers": [1]}] * 2},
+                     {}, DIR_SHAPE)
+
+
+def test_direction_and_head_sets_are_served_by_name():
+    from kn_steer.sets.format import Direction, Head
+
+    model = ModelIdentity(name="toy", fingerprint="sha256:0", architecture="LlamaForCausalLM", num_layers=4,
+                          intermediate_size=6, num_heads=2, hidden_size=3)
+    refusal = NeuronSet(name="refusal", model=model, method=MethodInfo(name="diff_means"),
+                        operation=Operation(op="ablate"),
+                        directions=[Direction(layer=1, vector=[3.0, 0.0, 4.0]), Direction(layer=2, vector=[1.0, 0.0, 0.0],
+                                                                                          alpha=-2.0)])
+    heads = NeuronSet(name="heads", model=model, method=MethodInfo(name="manual"),
+                      operation=Operation(op="scale", factor=0.0), heads=[Head(layer=3, head=1)])
+    sets = {"refusal": refusal, "heads": heads}
+    c = compile_spec({"interventions": [{"set": "refusal"}, {"set": "heads"}]}, sets, DIR_SHAPE)
+    _, unit = dense_directions_of(c.prompt)
+    assert np.allclose(unit[1].tolist(), [0.6, 0.0, 0.8]) and np.allclose(unit[2].tolist(), [1.0, 0.0, 0.0])
+    assert c.applied[1]["heads"] == 1 and c.prompt.of_site(1).layers.tolist() == [3]
+    c = compile_spec({"interventions": [{"set": "refusal", "op": "add", "layers": [2]}]}, sets, DIR_SHAPE)
+    add, _ = dense_directions_of(c.prompt)
+    assert add[2].tolist() == [-2.0, 0.0, 0.0]  # the direction's own alpha
+    with pytest.raises(SpecError, match="interventions\\[0\\].alpha: op 'add' on set 'refusal' needs an alpha"):
+        compile_spec({"interventions": [{"set": "refusal", "op": "add", "layers": [1]}]}, sets, DIR_SHAPE)
+    with pytest.raises(SpecError, match="holds directions, which take 'add' or 'ablate', not 'scale'"):
+        compile_spec({"interventions": [{"set": "refusal", "op": "scale", "factor": 2.0}]}, sets, DIR_SHAPE)
+    with pytest.raises(SpecError, match="'add' acts on directions; set 'heads' take 'scale' or 'clamp'"):
+        compile_spec({"interventions": [{"set": "heads", "op": "add", "alpha": 1.0}]}, sets, DIR_SHAPE)
+
+
+def dense_directions_of(mask):
+    from kn_steer.steering.masks import dense_directions
+
+    return dense_directions(mask, DIR_SHAPE)
