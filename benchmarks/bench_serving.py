@@ -16,6 +16,10 @@ One workload (default: 64 requests of 128 random prompt tokens, 64 generated tok
   request steered: (g) / (b) is the cost of live statistics on all traffic (goal >= 0.98);
 * (h) ``heads``: every request steered by (c)'s 500 neurons and two attention heads of every layer
   (issue #17: head masks and mixed neuron+head specs, goal >= 0.97 of plain);
+* (i) ``directions``: every request adds a residual direction after every layer (issue #17, goal
+  >= 0.97 of plain);
+* (j) ``everything``: every request steers (h)'s neurons and heads, adds one direction and ablates
+  another after every layer (mixed neuron+direction+head specs);
 
 and the scaling sweeps (all requests steered): distinct specs per batch (1, 4, 16, 64; 500
 neurons each) and neurons per spec (10 .. every neuron of every layer, one spec).
@@ -49,7 +53,8 @@ import common  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 HF_SCRIPT = SCRIPT.parent / "bench_hf_hooks.py"
-TARGETS = {"idle": 0.99, "steered": 0.97, "mixed": 0.97, "reading": 0.95, "heads": 0.97}
+TARGETS = {"idle": 0.99, "steered": 0.97, "mixed": 0.97, "reading": 0.95, "heads": 0.97, "directions": 0.97,
+           "everything": 0.97}
 CORE = {  # name: (engine, workload, seed slot, label)
     "plain": ("plain", {"kind": "unsteered"}, 0, "(a) plain vLLM, no plugin"),
     "idle": ("plugin", {"kind": "unsteered"}, 0, "(b) plugin loaded, no steering"),
@@ -60,6 +65,9 @@ CORE = {  # name: (engine, workload, seed slot, label)
     "idle-noread": ("noread", {"kind": "unsteered"}, 0, "(f) plugin with read-back off, no steering"),
     "watching": ("watch", {"kind": "unsteered"}, 0, "(g) live statistics of a 100-neuron set, no steering"),
     "heads": ("plugin", {"kind": "heads"}, 50, f"(h) all steered, {common.STEERED_NEURONS} neurons + 2 heads a layer"),
+    "directions": ("plugin", {"kind": "directions"}, 51, "(i) all steered, a direction added after every layer"),
+    "everything": ("plugin", {"kind": "everything"}, 52,
+                   f"(j) all steered: (h) + a direction added and one ablated after every layer"),
 }
 WATCHED_SET = {"smollm2-135m": "smollm2-135m-relation-P37", "gemma3-270m": None}  # 100 neurons
 HF = ("hf", {"kind": "uniform", "distinct": 1, "neurons": common.STEERED_NEURONS}, 1,
@@ -120,7 +128,7 @@ def worker(role_json: str, result_fd: str) -> None:
             return {"steering_effective": list(base[0].outputs[0].token_ids) != list(killed[0].outputs[0].token_ids)}
         n_req = cmd["requests"]
         specs = common.request_specs(cmd["workload"], n_req, shape["num_layers"], shape["intermediate_size"],
-                                     shape["num_heads"])
+                                     shape["num_heads"], shape["hidden_size"])
         max_tokens = cmd["gen_len"]
         if cmd["op"] == "warm":  # a few requests of this workload, short
             n_req, max_tokens = min(8, n_req), 8
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return profile(args)
     machine = common.machine_info()
     model = common.default_model_info(args.model)
-    shape = {k: model[k] for k in ("num_layers", "intermediate_size", "num_heads", "vocab_size")}
+    shape = {k: model[k] for k in ("num_layers", "intermediate_size", "num_heads", "hidden_size", "vocab_size")}
     core = {k: v for k, v in CORE.items() if k in args.configs.split(",")}
     sweep = sweeps() if args.scaling_reps > 0 else {}
     log = Path(args.log)
@@ -276,7 +284,7 @@ def trace_totals(paths: list[Path]) -> dict[str, float]:
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     """Torch-profile each core configuration once (inductor kernels named) and compare op times."""
     model = common.default_model_info(args.model)
-    shape = {k: model[k] for k in ("num_layers", "intermediate_size", "num_heads", "vocab_size")}
+    shape = {k: model[k] for k in ("num_layers", "intermediate_size", "num_heads", "hidden_size", "vocab_size")}
     core = {k: v for k, v in CORE.items() if k in args.configs.split(",")}
     out_dir = Path(args.profile).resolve()
     log = Path(args.log)
@@ -368,7 +376,7 @@ def build_report(args, machine, model, core, sweep, runs, engines_info, loads, w
             if name in TARGETS:
                 entry["target"] = TARGETS[name]
                 entry["meets_target"] = entry["ratio_to_plain"]["median"] >= TARGETS[name]
-        if name in ("steered", "mixed", "reading", "heads") and "idle" in core:
+        if name in ("steered", "mixed", "reading", "heads", "directions", "everything") and "idle" in core:
             entry["ratio_to_idle_same_engine"] = paired(runs, name, "idle")
         if name == "idle" and "idle-noread" in core:
             entry["ratio_to_read_back_off"] = paired(runs, "idle", "idle-noread")

@@ -70,7 +70,7 @@ def default_model_info(name: str = "smollm2-135m") -> dict[str, Any]:
     shape = ModelShape.from_config(config)
     return {"name": ref.name, "path": str(ref.path), "fingerprint": ref.fingerprint,
             "num_layers": shape.num_layers, "intermediate_size": shape.intermediate_size,
-            "num_heads": shape.num_heads, "vocab_size": int(config.vocab_size)}
+            "num_heads": shape.num_heads, "hidden_size": shape.hidden_size, "vocab_size": int(config.vocab_size)}
 
 
 # ---------------------------------------------------------------- machine record
@@ -355,15 +355,24 @@ STEERED_NEURONS = 500  # config (c): every request steered by one spec of this m
 MIXED_NEURONS = (100, 300, 500, 700, 900, 1100, 1300, 1500)  # config (d): 8 distinct specs
 
 
+def unit_direction(hidden: int, seed: int) -> list[float]:
+    """A fixed random unit vector of the residual stream (the benchmarks' direction)."""
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(hidden)
+    return (v / np.linalg.norm(v)).tolist()
+
+
 def request_specs(workload: Mapping[str, Any], n_requests: int, num_layers: int, intermediate: int,
-                  num_heads: int = 0) -> list[dict | None]:
+                  num_heads: int = 0, hidden: int = 0) -> list[dict | None]:
     """The ``kn_steer`` spec of every request of a workload (None = unsteered).
 
     ``unsteered``; ``uniform`` (every request steered, ``distinct`` specs of ``neurons`` neurons,
     request i gets spec i mod distinct); ``mixed`` (8 specs of 100..1500 neurons and unsteered
     requests, interleaved); ``read`` (every request reads ``neurons`` neurons at every position, no
     steering); ``heads`` (every request: the ``uniform`` 500-neuron spec and two attention heads of
-    every layer scaled by 0.5, so neurons and heads in one spec). Neurons are drawn uniformly over
+    every layer scaled by 0.5, so neurons and heads in one spec); ``directions`` (every request adds
+    one unit direction, alpha 2, after every layer); ``everything`` (``heads``' spec, plus that
+    direction added and another ablated after every layer). Neurons are drawn uniformly over
     every layer with fixed seeds, so all scripts steer the very same neurons.
     """
     kind = workload["kind"]
@@ -381,6 +390,15 @@ def request_specs(workload: Mapping[str, Any], n_requests: int, num_layers: int,
         ]
         mixed.append(None)
         return [mixed[i % len(mixed)] for i in range(n_requests)]
+    if kind == "directions":
+        add = {"direction": unit_direction(hidden, 4000), "op": "add", "alpha": 2.0, "layers": list(range(num_layers))}
+        return [{"interventions": [add]}] * n_requests
+    if kind == "everything":
+        spec = request_specs({"kind": "heads"}, 1, num_layers, intermediate, num_heads, hidden)[0]
+        spec["interventions"] += [
+            {"direction": unit_direction(hidden, 4000), "op": "add", "alpha": 2.0, "layers": list(range(num_layers))},
+            {"direction": unit_direction(hidden, 4001), "op": "ablate", "layers": list(range(num_layers))}]
+        return [spec] * n_requests
     if kind == "heads":
         spec = scale_spec(spread_neurons(STEERED_NEURONS, 1000, num_layers, intermediate), 2.0)
         heads = [[layer, h] for layer in range(num_layers) for h in (layer % num_heads, (layer + 3) % num_heads)]

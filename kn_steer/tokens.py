@@ -43,3 +43,11 @@ def leading_special_ids(tokenizer: Any) -> list[int]:
 def pad_id(tokenizer: Any) -> int:
     """The id used for padding (never attended to): the tokenizer's pad, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def chat_prompt(tokenizer: Any, text: str, chat: bool = True) -> str:
+    """``text`` as a user turn of the tokenizer's chat template, ready for the assistant's answer
+    (what ``/v1/chat/completions`` renders); unchanged when ``chat`` is off or the model has no template."""
+    if not chat or not getattr(tokenizer, "chat_template", None):
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)

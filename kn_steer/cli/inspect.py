@@ -33,7 +33,8 @@ def _print_report(ns, reports, counts_only: bool) -> None:
                   f"{ns.model.intermediate_size}) {ns.model.fingerprint}"),
         ("method", f"{ns.method.name} {json.dumps(ns.method.params, sort_keys=True)}"),
         ("operation", f"{op.op} " + (f"factor={op.factor}" if op.op == "scale" else f"value={op.value}")),
-        ("neurons", f"{len(ns.neurons)} in {len(ns.counts_per_layer())} layers"),
+        ("units", f"{len(ns.neurons)} neurons, {len(ns.heads)} heads, {len(ns.directions)} directions in "
+                  f"{len(ns.counts_per_layer())} layers"),
         ("data", f"{ns.provenance.data_file or '-'} ({ns.provenance.examples if ns.provenance.examples is not None else '-'} examples, "
                  f"sha256 {(ns.provenance.data_sha256 or '-')[:16]})"),
         ("created", f"{ns.provenance.created:%Y-%m-%d %H:%M UTC} by kn-steer {ns.provenance.kn_steer_version}"),

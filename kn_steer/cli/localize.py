@@ -230,7 +230,9 @@ def _run(method: Method, values: dict[str, Any]) -> None:
     where = f"; per-example results: {examples_path(out)}" if isinstance(method, ExampleMethod) else ""
     source = {"example": "examples", "corpus": "corpus prompts"}.get(method.kind)
     read = f" from {neuron_set.provenance.examples} {source}" if source else " from the weights"
-    typer.echo(f"wrote {out}: {len(neuron_set.neurons)} neurons{read} "
+    units = (f"{len(neuron_set.directions)} directions" if neuron_set.directions else
+             f"{len(neuron_set.neurons)} neurons" + (f" and {len(neuron_set.heads)} heads" if neuron_set.heads else ""))
+    typer.echo(f"wrote {out}: {units}{read} "
                f"(layers: {neuron_set.counts_per_layer()}){where}")
 
 

@@ -1,5 +1,5 @@
-"""Reading activations back: every neuron's activation at each prompt's last token, batched, and
-every neuron's mean activation over whole texts.
+"""Reading activations back: every neuron's activation (or the residual stream after every layer)
+at each prompt's last token, batched, and every neuron's mean activation over whole texts.
 
 Prompts are tokenized as at inference (:func:`kn_steer.tokens.prompt_ids`) and left-padded with
 position ids that skip the padding, so padding changes nothing and every prompt's last token sits
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kn_steer.models.families import ModelShape
-from kn_steer.models.sites import hook_site, remove_hooks
+from kn_steer.models.sites import hook_residual, hook_site, remove_hooks
 from kn_steer.tokens import pad_id, prompt_ids
 
 
@@ -69,6 +69,35 @@ def last_logits_only(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
+def _last_token_rows(model: nn.Module, tokenizer: Any, prompts: Sequence[str], units: int, install: Callable[..., list],
+                     batch_size: int, dtype: torch.dtype, progress: Callable[[int], None] | None) -> torch.Tensor:
+    """``[N, layers, units]``: a site's values at each prompt's last token (``install(model, record)``
+    hooks the site on every layer and returns the handles)."""
+    num_layers = ModelShape.from_config(model.config).num_layers
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), num_layers, units, dtype=dtype)
+    current: dict[str, torch.Tensor] = {}
+
+    def record(layer: int, rows: torch.Tensor) -> None:
+        acts = current["acts"]
+        # canonical rows are batch-major ([B*T, U] -> [B, T, U]); left padding puts every
+        # prompt's last token at the last position
+        acts[:, layer] = rows.reshape(acts.shape[0], -1, rows.shape[-1])[:, -1].to(dtype).cpu()
+
+    handles = install(model, record)
+    try:
+        for idx in length_batches(prompts, batch_size):
+            batch = left_padded(tokenizer, [prompts[i] for i in idx], device)
+            current["acts"] = torch.empty(len(idx), num_layers, units, dtype=dtype)
+            model(**batch.model_inputs(), **last_logits_only(model))
+            out[torch.tensor(idx)] = current["acts"]
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        remove_hooks(handles)
+    return out
+
+
 def last_token_activations(
     model: nn.Module,
     tokenizer: Any,
@@ -78,29 +107,16 @@ def last_token_activations(
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """``[N, layers * units]``: every neuron's activation at each prompt's last token."""
-    shape = ModelShape.from_config(model.config)
-    device = next(model.parameters()).device
-    out = torch.empty(len(prompts), shape.num_layers, shape.intermediate_size, dtype=dtype)
-    current: dict[str, torch.Tensor] = {}
-
-    def record(layer: int, rows: torch.Tensor) -> None:
-        acts = current["acts"]
-        # canonical rows are batch-major ([B*T, I] -> [B, T, I]); left padding puts every
-        # prompt's last token at the last position
-        acts[:, layer] = rows.reshape(acts.shape[0], -1, rows.shape[-1])[:, -1].to(dtype).cpu()
-
-    handles = hook_site(model, record)
-    try:
-        for idx in length_batches(prompts, batch_size):
-            batch = left_padded(tokenizer, [prompts[i] for i in idx], device)
-            current["acts"] = torch.empty(len(idx), shape.num_layers, shape.intermediate_size, dtype=dtype)
-            model(**batch.model_inputs(), **last_logits_only(model))
-            out[torch.tensor(idx)] = current["acts"]
-            if progress is not None:
-                progress(len(idx))
-    finally:
-        remove_hooks(handles)
+    units = ModelShape.from_config(model.config).intermediate_size
+    out = _last_token_rows(model, tokenizer, prompts, units, hook_site, batch_size, dtype, progress)
     return out.reshape(len(prompts), -1)
+
+
+def last_token_streams(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int = 32,
+                       progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """``[N, layers, hidden]`` float32: the residual stream after every layer at each prompt's last token."""
+    hidden = ModelShape.from_config(model.config).hidden_size
+    return _last_token_rows(model, tokenizer, prompts, hidden, hook_residual, batch_size, torch.float32, progress)
 
 
 @torch.no_grad()

@@ -96,7 +96,9 @@ class NeuronSetRegistry(Mapping[str, NeuronSet]):
         return [
             {
                 "name": ns.name, "description": ns.description, "method": ns.method.model_dump(),
-                "neurons": len(ns.neurons), "layers": ns.counts_per_layer(),
+                "neurons": len(ns.neurons), "layers": ns.counts_per_layer(), "kind": ns.kind,
+                **({"heads": len(ns.heads)} if ns.heads else {}),
+                **({"directions": len(ns.directions)} if ns.directions else {}),
                 "operation": ns.operation.model_dump(exclude_none=True),
                 "model": ns.model.model_dump(), "metrics": ns.metrics,
             }

@@ -87,6 +87,8 @@ def compile_read(read: ReadSpec, sets: Mapping[str, NeuronSet], shape: ModelShap
     parts: list[np.ndarray] = []
     for k, name in enumerate(read.sets):
         ns = lookup_set(sets, name, f"{where}.sets[{k}]")
+        if not ns.neurons:
+            raise SpecError(f"{where}.sets[{k}]: set {name!r} holds {ns.kind}; read-back reads MLP neurons")
         parts.append(np.fromiter((n.layer * width + n.index for n in ns.neurons), np.int64, len(ns.neurons)))
     if read.neurons:
         pairs = np.asarray(read.neurons, dtype=np.int64).reshape(-1, 2)

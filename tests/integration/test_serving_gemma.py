@@ -33,6 +33,10 @@ SPECS = {
     "heads": {"interventions": [{"heads": [[layer, h] for layer in range(2, 8) for h in (1, 3)], "op": "scale",
                                  "factor": 0.0},
                                 {"heads": [[12, 0]], "op": "scale", "factor": 2.5, "positions": "generated"}]},
+    # residual directions (640 wide): an add at three layers, an ablation at two
+    "directions": {"interventions": [
+        {"direction": [((i * 29) % 13 - 6) / 6.0 for i in range(640)], "op": "add", "alpha": 4.0, "layers": [3, 9, 15]},
+        {"direction": [1.0 if i % 5 == 0 else -0.25 for i in range(640)], "op": "ablate", "layers": [6, 12]}]},
 }
 ENGINE = dict(dtype="float32", max_model_len=1280, max_num_seqs=16, seed=0, enable_prefix_caching=True)
 

@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
 from helpers.engines import SERVED_NAME, greedy, offline_llm
 
@@ -68,6 +69,28 @@ def test_attention_heads_over_http_report_and_match_offline(client):
     with pytest.raises(openai.BadRequestError) as err:
         _complete(client, {"interventions": [{"heads": [[0, 9]], "op": "scale", "factor": 0.0}]})
     assert "kn_steer.interventions[0].heads[0]: head 9 out of range 0..8" in str(err.value)
+
+
+def test_directions_over_http_report_and_match_offline(client):
+    """A direction spec over HTTP: reported with its layers and norm, its tokens counted as steered,
+    the same text as the offline engine; a wrong-sized or zero direction is a 400 naming the entry."""
+    v = torch.randn(576, generator=torch.Generator().manual_seed(3))
+    spec = {"interventions": [{"direction": (v / v.norm()).tolist(), "op": "add", "alpha": 15.0, "layers": [4, 8]},
+                              {"direction": [1.0] * 576, "op": "ablate", "layers": [8], "positions": "generated"}]}
+    resp = _complete(client, spec)
+    info = resp.kn_steer
+    assert info["applied"][0]["direction"] == 2 and info["applied"][0]["alpha"] == 15.0
+    assert abs(info["applied"][0]["norm"] - 1.0) < 1e-6 and info["applied"][1]["op"] == "ablate"
+    assert info["direction_layers"] == {"prompt": [4, 8], "generated": [4, 8]}
+    assert info["steered_tokens"] == {"prompt": resp.usage.prompt_tokens, "generated": resp.usage.completion_tokens}
+    (offline,) = offline_llm().generate([PROMPT], [greedy(10, spec)], use_tqdm=False)
+    assert offline.outputs[0].text == resp.choices[0].text != _complete(client).choices[0].text
+    for bad, message in (([1.0] * 575, "kn_steer.interventions[0].direction: 575 values; this model's residual "
+                                       "stream has 576"),
+                         ([0.0] * 576, "kn_steer.interventions[0].direction: the vector is all zeros")):
+        with pytest.raises(openai.BadRequestError) as err:
+            _complete(client, {"interventions": [{"direction": bad, "op": "ablate", "layers": [1]}]})
+        assert message in str(err.value)
 
 
 def test_chat_completion_is_steered_and_reports(client):
@@ -245,7 +268,7 @@ def test_metrics_show_what_was_steered(srv, client):
 
     assert value("kn_steer_engine_self_check_passed") == 1.0
     assert value("kn_steer_engine_slot_capacity") == 129
-    assert value("kn_steer_engine_bank_bytes") == 2 * 30 * 129 * (1536 + 9) * 4  # neurons and heads
+    assert value("kn_steer_engine_bank_bytes") == 2 * 30 * 129 * (1536 + 9 + 576) * 4  # neurons, heads, directions
     assert value("kn_steer_engine_steered_tokens") > 0 and value("kn_steer_engine_steered_requests") > 0
     assert value('kn_steer_requests_total{steered="true"}') >= 1
     assert value('kn_steer_steered_tokens_total{position="prompt"}') > 0

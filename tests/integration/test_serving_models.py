@@ -27,6 +27,11 @@ SPECS = [
     {"interventions": [{"heads": [[l, h] for l in range(3) for h in (0, 3)], "op": "scale", "factor": -2.0},
                        {"heads": [[1, 2]], "op": "clamp", "value": 0.5, "positions": "prompt"},
                        {"neurons": [[2, i] for i in range(0, 96, 5)], "op": "scale", "factor": 2.0}]},
+    # residual directions (the stream is whole on every TP rank): an add at two layers and an ablation
+    {"interventions": [{"direction": [((i * 37) % 11 - 5) / 4.0 for i in range(128)], "op": "add", "alpha": 1.5,
+                        "layers": [0, 2]},
+                       {"direction": [1.0 if i % 3 == 0 else -0.5 for i in range(128)], "op": "ablate", "layers": [1],
+                        "positions": "generated"}]},
 ]
 
 

@@ -52,7 +52,8 @@ def test_the_bank_budget_sizes_the_slots_and_switches_admission_on(tiny_llama, m
     config = _config(tiny_llama, monkeypatch, {"KN_STEER_BANK_MIB": "1"}, max_num_seqs=1024,
                      max_num_batched_tokens=4096)
     mark = config.additional_config["kn_steer"]
-    per_slot = 3 * 96 * 2 * 4  # layers x neurons x (mul, add) x float32
+    # layers x ((neurons + heads) x (mul, add) x float32 + (added, ablated) float32 vectors of the stream)
+    per_slot = 3 * ((96 + 4) * 2 * 4 + 128 * 2 * 4)
     assert mark["slots"] == (1 << 20) // per_slot and mark["admission"]
 
 
@@ -123,7 +124,7 @@ def test_the_contract_matches_the_installed_vllm():
 
 
 HOOK_REMOVER = '''
-"""A third-party vLLM plugin that takes kn-steer's hook off layer 1 once the model is loaded."""
+"""A third-party vLLM plugin that takes kn-steer's hook off a module of layer 1 once the model is loaded."""
 
 
 def register():
@@ -136,8 +137,8 @@ def register():
         original = cls.__dict__["compile_or_warm_up_model"]
 
         def compile_or_warm_up_model(self, *args, _original=original, **kwargs):
-            layer = self.model_runner.get_model().model.layers[1].mlp.down_proj
-            layer._forward_pre_hooks.clear()
+            layer = self.model_runner.get_model().model.layers[1]{path}
+            layer.{hooks}.clear()
             print("hook_remover: cleared layer 1", file=sys.stderr, flush=True)
             return _original(self, *args, **kwargs)
 
@@ -145,10 +146,14 @@ def register():
 '''
 
 
-def test_a_hook_removed_behind_the_plugins_back_stops_the_engine(tiny_llama, tmp_path):
+@pytest.mark.parametrize("path, hooks, where", [
+    (".mlp.down_proj", "_forward_pre_hooks", "mlp.down_proj"),  # the neuron site
+    ("", "_forward_hooks", "decoder layer"),  # the residual stream's (directions)
+])
+def test_a_hook_removed_behind_the_plugins_back_stops_the_engine(tiny_llama, tmp_path, path, hooks, where):
     site = tmp_path / "site"
     (site / "hook_remover-0.1.dist-info").mkdir(parents=True)
-    (site / "hook_remover.py").write_text(HOOK_REMOVER)
+    (site / "hook_remover.py").write_text(HOOK_REMOVER.replace("{path}", path).replace("{hooks}", hooks))
     (site / "hook_remover-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: hook-remover\nVersion: 0.1\n")
     (site / "hook_remover-0.1.dist-info" / "entry_points.txt").write_text(
         "[vllm.general_plugins]\nhook_remover = hook_remover:register\n")
@@ -162,7 +167,7 @@ def test_a_hook_removed_behind_the_plugins_back_stops_the_engine(tiny_llama, tmp
     logs = out.stdout + out.stderr
     assert "hook_remover: cleared layer 1" in logs  # the third-party plugin ran in the worker
     assert out.returncode != 0
-    assert "kn-steer hook on layer 1's mlp.down_proj was removed behind its back" in logs
+    assert f"kn-steer hook on layer 1's {where} was removed behind its back" in logs
 
 
 def test_sleep_and_wake_keep_results_identical():
@@ -184,7 +189,10 @@ def test_the_engine_reports_its_self_check():
 
     (status,) = offline_llm().collective_rpc("kn_steer_status")
     assert status["self_check"]["passed"] and status["self_check"]["layers"] == 30
-    assert status["self_check"]["sites"] == ["mlp.neurons", "attn.heads"]  # both sites probed in the real forward
+    # every site probed in the real forward
+    assert status["self_check"]["sites"] == ["mlp.neurons", "attn.heads", "resid.post"]
     assert status["heads"] == {"offset": 0, "size": 9, "head_dim": 64}
-    assert status["slots"]["capacity"] == 129 and status["bank_bytes"] == 2 * 30 * 129 * (1536 + 9) * 4
+    assert status["directions"] == {"hidden": 576}
+    # neurons and heads, and the added and ablated float32 vectors
+    assert status["slots"]["capacity"] == 129 and status["bank_bytes"] == 2 * 30 * 129 * (1536 + 9 + 576) * 4
 

@@ -10,6 +10,7 @@ in :data:`METHODS`.
 * ``dead``, ``token`` (:mod:`.firing`, corpus) — never-firing neurons and token detectors, Voita et al.
 * ``language`` (:mod:`.language`, corpus) — language-specific neurons by activation-probability entropy, LAPE
 * ``emotion`` (:mod:`.emotion`, corpus) — neurons tracking a rated attribute of emotion concepts, Li et al.
+* ``diff-means`` (:mod:`.diff_means`, corpus) — a residual-stream direction from two prompt sets, Arditi et al.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kn_steer.localize.methods.base import (
     WeightMethod,
 )
 from kn_steer.localize.methods.concept import CONCEPT
+from kn_steer.localize.methods.diff_means import DIFF_MEANS
 from kn_steer.localize.methods.emotion import EMOTION
 from kn_steer.localize.methods.entropy import ENTROPY
 from kn_steer.localize.methods.firing import DEAD, TOKEN
@@ -36,7 +38,8 @@ from kn_steer.localize.methods.kn_consistent import KN_CONSISTENT
 from kn_steer.localize.methods.language import LANGUAGE
 from kn_steer.localize.methods.relation import RELATION
 
-METHODS: dict[str, Method] = {m.name: m for m in (KN, KN_CONSISTENT, IRCAN, RELATION, LANGUAGE, EMOTION, DEAD, TOKEN, CONCEPT, ENTROPY)}
+METHODS: dict[str, Method] = {m.name: m for m in (KN, KN_CONSISTENT, IRCAN, RELATION, LANGUAGE, EMOTION, DEAD, TOKEN, CONCEPT, ENTROPY,
+                                             DIFF_MEANS)}
 
 
 def get_method(name: str) -> Method:

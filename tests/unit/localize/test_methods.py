@@ -30,6 +30,7 @@ from kn_steer.localize import (
 from kn_steer.localize.methods import ircan, kn, relation
 from kn_steer.localize.methods.firing import TextCorpus
 from kn_steer.localize.methods.emotion import EmotionCorpus
+from kn_steer.localize.methods.diff_means import ContrastCorpus
 from kn_steer.localize.methods.language import LanguageCorpus
 from kn_steer.models import ModelRef
 from kn_steer.models.families import ModelShape
@@ -39,10 +40,10 @@ from kn_steer.sets.format import NeuronSet, model_identity
 
 
 def test_registry_is_explicit_and_complete() -> None:
-    assert sorted(METHODS) == ["concept", "dead", "emotion", "entropy", "ircan", "kn", "kn-consistent", "language",
-                              "relation", "token"]
+    assert sorted(METHODS) == ["concept", "dead", "diff-means", "emotion", "entropy", "ircan", "kn", "kn-consistent",
+                              "language", "relation", "token"]
     assert {m.kind for m in METHODS.values()} == {"example", "corpus", "weights"}
-    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, dead, emotion, entropy, ircan, kn, kn-consistent, language, relation, token"):
+    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, dead, diff-means, emotion, entropy, ircan, kn, kn-consistent, language, relation, token"):
         get_method("nope")
 
 
@@ -147,9 +148,11 @@ EMOTIONS = EmotionCorpus(  # three "emotions" (words), two templates each, two r
              "the capital of japan", "a city of japan"],
     emotion_of_prompt=[0, 0, 1, 1, 2, 2], emotions=["france", "italy", "japan"], attributes=["warm", "cold"],
     ratings=[[0.1, 0.9], [0.5, 0.4], [0.9, 0.0]])
-DATA_FOR = {"kn": FACTS, "kn-consistent": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES, "token": TEXTS, "dead": TEXTS,
+CONTRAST = ContrastCorpus(positive=["the capital of france", "paris is a city"], negative=["two masters", "no man"],
+                          select_positive=["rome is a city", "the capital of italy"], select_negative=["penny wise", "kings"])
+DATA_FOR = {"diff-means": CONTRAST, "kn": FACTS, "kn-consistent": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES, "token": TEXTS, "dead": TEXTS,
             "emotion": EMOTIONS, "concept": None, "entropy": None}  # weights only
-PARAMS_FOR = {"kn": {"steps": 2}, "kn-consistent": {"steps": 2, "spread": 0.0, "threshold": 0.1}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
+PARAMS_FOR = {"diff-means": {"train": 2, "select": 2}, "kn": {"steps": 2}, "kn-consistent": {"steps": 2, "spread": 0.0, "threshold": 0.1}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
               "relation": {"relation": "P36", "count": 6, "batch_size": 3},
               "concept": {"word": "paris", "top": 3, "max_rank": 40}, "entropy": {"top": 3, "null_dims": 4},
               "language": {"language": "aa", "filter_quantile": 0.5, "entropy_fraction": 0.3, "batch_size": 4},
@@ -179,9 +182,13 @@ def test_every_method_runs_on_every_family(family: str, tmp_path: Path) -> None:
                                    RunInfo(name=f"{family}-{name}"), progress=False)
         loaded = NeuronSet.load(out)
         loaded.check_model(identity)
-        assert loaded.neurons and len(loaded.neurons) == len(written.neurons)
+        assert (loaded.neurons or loaded.directions) and len(loaded.neurons) == len(written.neurons)
         assert method.params_model.model_validate(loaded.method.params) == params
-        if name in ("dead", "token"):
+        if name == "diff-means":  # a direction at every layer (op ablate), as wide as the residual stream
+            shape = ModelShape.from_config(model.config)
+            assert [d.layer for d in loaded.directions] == list(range(shape.num_layers))
+            assert len(loaded.directions[0].vector) == shape.hidden_size and loaded.provenance.examples == 8
+        elif name in ("dead", "token"):
             assert loaded.provenance.examples == len(TEXTS.prompts)
             if name == "token":
                 assert loaded.metrics["occurrences"] == 2 and len(loaded.neurons) <= 4

@@ -88,3 +88,15 @@ def test_rows_and_row_index_follow_the_steering_positions():
         assert plan.rows(4, 4) == {"prompt": 4, "generated": 3, "last": 1, "all": 7}[kind]
     assert _plan({"neurons": [[0, 0]], "positions": "generated"}).reads_prompt is False
     assert _plan({"neurons": [[0, 0]], "positions": "last"}).reads_prompt is True
+
+
+def test_a_set_of_directions_cannot_be_read_back():
+    from kn_steer.sets.format import Direction
+
+    model = ModelIdentity(name="toy", fingerprint="sha256:0", architecture="LlamaForCausalLM", num_layers=3,
+                          intermediate_size=8, hidden_size=2)
+    ns = NeuronSet(name="dir", model=model, method=MethodInfo(name="diff-means"), operation=Operation(op="ablate"),
+                   directions=[Direction(layer=1, vector=[1.0, 0.0])])
+    read = parse_spec({"read": {"sets": ["dir"]}}).read
+    with pytest.raises(SpecError, match=r"kn_steer.read.sets\[0\]: set 'dir' holds directions; read-back reads MLP neurons"):
+        compile_read(read, {"dir": ns}, SHAPE, RequestLimits())
