@@ -14,7 +14,8 @@ and operation, on data the method never saw.
     python benchmarks/repro_directions.py                 # both models, 5 random directions each
     python benchmarks/repro_directions.py --models smollm2-135m --seeds 3
 
-Results go to repro-results/directions.json (+ .png) unless --out says otherwise. No set is
+Results go to repro-results/directions.json (+ .png) unless --out says otherwise; the file is
+rewritten after each model, and a model already in it is skipped (--fresh starts over). No set is
 shipped: the harmless side of the refusal data is CC BY-NC; each direction's ``kn-steer localize``
 command is recorded and reproduces it.
 """
@@ -22,7 +23,7 @@ command is recorded and reproduces it.
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--alphas", default="1,2,4", help="doses of the added refusal direction (every one reported)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--fresh", action="store_true", help="ignore models already in the output file")
+    p.add_argument("--parts", default="refusal,truthfulness", help="which measurements to run")
     add_common(p)
     args = p.parse_args(argv)
     if args.model != "smollm2-135m":
@@ -65,6 +68,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     rows = [(m["model_title"], kind, m[kind]) for m in result["models"] for kind in ("refusal", "truthfulness")
             if m.get(kind)]
+    if not rows:
+        return
     fig, axes = plt.subplots(1, len(rows) + (1 if any(k == "refusal" for _, k, _ in rows) else 0),
                              figsize=(4.2 * (len(rows) + 1), 3.6))
     axes = list(axes) if hasattr(axes, "__len__") else [axes]
@@ -108,6 +113,8 @@ def table(result: dict[str, Any]) -> None:
                 print(f"  harmless {u['harmless']:.2f} -> {d['value']:.2f} with alpha {alpha} added (random "
                       f"{', '.join(f'{c:.2f}' for c in d['controls'])})")
         t = m["truthfulness"]
+        if not t:
+            continue
         acc, gold = t["added"]["accuracy"], t["added"]["gold_log_softmax"]
         print(f"{m['model']} truthfulness (layer {t['layer']}, norm {t['norm']:.1f}, {t['items']} questions): MC1 "
               f"{t['unsteered']['accuracy']:.3f} -> {acc['value']:.3f} (random {', '.join(f'{c:.3f}' for c in acc['controls'])}; "
@@ -128,12 +135,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     refusal_dir, tqa_dir = data_dir() / "refusal", data_dir() / "truthfulqa"
     val = load_refusal(refusal_dir, "val")
     harmful, harmless = val.positive, val.negative[: args.harmless]
-    models = []
+    done: dict[str, Any] = {}
+    if out.exists() and not args.fresh:
+        done = {m["model"]: m for m in json.loads(out.read_text())["models"]}
+
+    def result() -> dict[str, Any]:
+        return {"benchmark": "residual-directions", "data": {"refusal": display_path(refusal_dir),
+                                                             "truthfulqa": display_path(tqa_dir)},
+                "judge": list(protocol.REFUSAL_PHRASES), "models": list(done.values())}
+
     for name in args.models.split(","):
         ref = resolve_model(name)
+        if ref.name in done:
+            log(f"{ref.name}: already in {out}, skipped (--fresh reruns it)")
+            continue
         model, tokenizer = load_hf_model(ref)
         entry: dict[str, Any] = {"model": ref.name, "model_title": model_title(ref.name)}
-        if getattr(tokenizer, "chat_template", None):
+        parts = args.parts.split(",")
+        if "refusal" not in parts:
+            entry["refusal"] = None
+            entry["refusal_skipped"] = "not run (--parts)"
+        elif getattr(tokenizer, "chat_template", None):
             log(f"{ref.name}: refusal direction")
             found = find_direction(model, tokenizer, ref, refusal_dir, "refusal", chat=True)
             entry["refusal_direction"] = {k: v for k, v in found.items() if k not in ("vector", "questions")}
@@ -143,18 +165,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             entry["refusal"] = None
             entry["refusal_skipped"] = "no chat template (a base model): no refusal behaviour to remove"
+        if "truthfulness" not in parts:
+            entry["truthfulness"] = None
+            done[ref.name] = entry
+            continue
         log(f"{ref.name}: truthfulness direction")
         found = find_direction(model, tokenizer, ref, tqa_dir, "truthfulqa", chat=False)
         entry["truthfulness_direction"] = {k: v for k, v in found.items() if k not in ("vector", "questions")}
         items = protocol.truthfulqa_items(tqa_dir, exclude=found["questions"], limit=args.questions)
         entry["truthfulness"] = protocol.run_truthfulness(model, tokenizer, torch.tensor(found["vector"]), found["layer"],
                                                           items, args.seeds, batch_size=args.batch_size)
-        models.append(entry)
+        done[ref.name] = entry
+        publish(result(), out, "repro_directions.py", argv)  # a finished model is never lost
         del model
-    result = {"benchmark": "residual-directions", "data": {"refusal": display_path(refusal_dir),
-                                                           "truthfulqa": display_path(tqa_dir)},
-              "judge": list(protocol.REFUSAL_PHRASES), "models": models}
-    return publish(result, out, "repro_directions.py", argv, plot=plot, table=table)
+    return publish(result(), out, "repro_directions.py", argv, plot=plot, table=table)
 
 
 if __name__ == "__main__":

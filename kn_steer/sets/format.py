@@ -190,6 +190,9 @@ class NeuronSet(_Strict):
         self._check_heads_and_directions()
         if (self.heads or self.directions) and self.format_version == 1:
             self.format_version = LATEST_VERSION
+        elif self.format_version == 1 and (self.model.num_heads is not None or self.model.hidden_size is not None):
+            # a version-1 file carries no widths: the set in memory is the set its file holds
+            self.model = self.model.model_copy(update={"num_heads": None, "hidden_size": None})
         return self
 
     def _check_heads_and_directions(self) -> None:
