@@ -85,7 +85,16 @@ class Operation(_Strict):
         return self.op in ("add", "ablate")
 
 
-class Neuron(_Strict):
+class _Dosed(_Strict):
+    """A unit whose own ``factor``/``value`` may override the set's default operation (finite)."""
+
+    @field_validator("factor", "value", check_fields=False)
+    @classmethod
+    def _finite_values(cls, v: float | None, info: Any) -> float | None:
+        return _finite(v, info.field_name)
+
+
+class Neuron(_Dosed):
     """One neuron; ``factor``/``value`` override the set's default operation for this neuron."""
 
     layer: int = Field(ge=0)
@@ -94,13 +103,8 @@ class Neuron(_Strict):
     factor: float | None = None
     value: float | None = None
 
-    @field_validator("factor", "value")
-    @classmethod
-    def _finite_values(cls, v: float | None, info: Any) -> float | None:
-        return _finite(v, info.field_name)
 
-
-class Head(_Strict):
+class Head(_Dosed):
     """One attention head; ``factor``/``value`` override the set's default operation for it."""
 
     layer: int = Field(ge=0)
@@ -108,11 +112,6 @@ class Head(_Strict):
     score: float | None = None
     factor: float | None = None
     value: float | None = None
-
-    @field_validator("factor", "value")
-    @classmethod
-    def _finite_values(cls, v: float | None, info: Any) -> float | None:
-        return _finite(v, info.field_name)
 
 
 class Direction(_Strict):

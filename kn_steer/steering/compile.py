@@ -215,23 +215,19 @@ def _directions(iv: Intervention, loc: str, sets: Mapping[str, NeuronSet], shape
     """A direction intervention's per-layer vectors, checked, and what the response reports."""
     if shape.hidden_size <= 0:
         raise SpecError(f"{loc}: this model's residual stream width is unknown to kn-steer")
+    layers = list(iv.layers or [])
+    bad = [l for l in layers if not 0 <= l < shape.num_layers]
+    if bad:
+        raise SpecError(f"{loc}.layers: {bad[:5]} out of range 0..{shape.num_layers - 1}")
     ns = None
     if iv.set is not None:
         ns = lookup_set(sets, iv.set, f"{loc}.set")
-        found = [(d.layer, np.asarray(d.vector, np.float64), d.alpha) for d in ns.directions]
-        if iv.layers is not None:
-            bad = [l for l in iv.layers if not 0 <= l < shape.num_layers]
-            if bad:
-                raise SpecError(f"{loc}.layers: {bad[:5]} out of range 0..{shape.num_layers - 1}")
-            found = [f for f in found if f[0] in iv.layers]
+        found = [(d.layer, np.asarray(d.vector, np.float64), d.alpha) for d in ns.directions
+                 if iv.layers is None or d.layer in layers]
     else:
-        vector = np.asarray(iv.direction, np.float64)
-        layers = list(iv.layers or [])
-        bad = [l for l in layers if not 0 <= l < shape.num_layers]
-        if bad:
-            raise SpecError(f"{loc}.layers: {bad[:5]} out of range 0..{shape.num_layers - 1}")
         if len(set(layers)) != len(layers):
             raise SpecError(f"{loc}.layers: a layer is listed twice; list each layer once")
+        vector = np.asarray(iv.direction, np.float64)
         found = [(l, vector, None) for l in layers]
     op = iv.op or ns.operation.op
     if op not in ("add", "ablate"):

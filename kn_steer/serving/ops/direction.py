@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kn_steer.serving.ops.neuron_mask import bank_positions
+from kn_steer.serving.ops.neuron_mask import bank_positions, layer_rows
 from kn_steer.serving.uploads import Uploader
 from kn_steer.steering.masks import RESID_ABLATE, RESID_ADD, SparseMask
 
@@ -27,11 +27,8 @@ class DirectionOp:
     site = "resid.post"
 
     def __init__(self, layers: Sequence[int], hidden: int, capacity: int, device: torch.device | str, guard: float):
-        self.layers = sorted(layers)
+        self.layers, self._row, self._row_of = layer_rows(layers)
         self.local_size, self.offset, self.capacity = int(hidden), 0, int(capacity)
-        self._row = {layer: i for i, layer in enumerate(self.layers)}
-        self._row_of = np.full(max(self.layers) + 1 if self.layers else 1, -1, dtype=np.int64)
-        self._row_of[self.layers] = np.arange(len(self.layers))
         shape = (len(self.layers), self.capacity, self.local_size)
         self.add = torch.zeros(shape, dtype=torch.float32, device=device)
         self.unit = torch.zeros(shape, dtype=torch.float32, device=device)

@@ -22,6 +22,14 @@ from kn_steer.serving.uploads import Uploader
 from kn_steer.steering.masks import NEURONS, SparseMask
 
 
+def layer_rows(layers: Sequence[int]) -> tuple[list[int], dict[int, int], np.ndarray]:
+    """A bank's layers sorted, each layer's row, and a lookup array (layer -> row, -1: not here)."""
+    ordered = sorted(layers)
+    row_of = np.full(max(ordered) + 1 if ordered else 1, -1, dtype=np.int64)
+    row_of[ordered] = np.arange(len(ordered))
+    return ordered, {layer: i for i, layer in enumerate(ordered)}, row_of
+
+
 def bank_positions(mask: SparseMask, row_of: np.ndarray, offset: int, local_size: int, capacity: int, slot: int
                    ) -> tuple[np.ndarray | None, np.ndarray]:
     """Flat positions in a ``[layers, slots, units]`` bank of ``mask``'s units that this worker
@@ -46,11 +54,8 @@ class NeuronMaskOp:
 
     def __init__(self, layers: Sequence[int], local_size: int, offset: int, capacity: int,
                  dtype: torch.dtype, device: torch.device | str, guard: float):
-        self.layers = sorted(layers)
+        self.layers, self._row, self._row_of = layer_rows(layers)
         self.local_size, self.offset, self.capacity = local_size, offset, capacity
-        self._row = {layer: i for i, layer in enumerate(self.layers)}
-        self._row_of = np.full(max(self.layers) + 1 if self.layers else 1, -1, dtype=np.int64)
-        self._row_of[self.layers] = np.arange(len(self.layers))
         shape = (len(self.layers), capacity, local_size)
         self.mul = torch.ones(shape, dtype=dtype, device=device)
         self.add = torch.zeros(shape, dtype=dtype, device=device)
