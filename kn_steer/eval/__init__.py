@@ -1,7 +1,7 @@
 """Evaluation: scoring under an intervention, random controls, paired statistics, protocols.
 
 * :mod:`~kn_steer.eval.scoring` — multiple-choice scoring under three rules (total,
-  length-normalized, calibrated); :mod:`~kn_steer.eval.prompts` — next-token scoring of fact prompts.
+  length-normalized, calibrated); :mod:`~kn_steer.localize.prompt_scores` — next-token scoring of fact prompts.
 * :mod:`~kn_steer.eval.controls` — random neurons matched to a set's per-layer counts, or uniform.
 * :mod:`~kn_steer.eval.summary` — accuracies per rule and by relative length, McNemar tests.
 * :mod:`~kn_steer.eval.cache` — the one result cache of long runs.

@@ -131,7 +131,7 @@ class HFEvaluator:
 
     def prompt_correct(self, prompts: Sequence[str], targets: Sequence[str], spec: Any) -> list[bool]:
         """Whether each target's first token is the argmax after its prompt."""
-        from kn_steer.eval.prompts import score_prompts
+        from kn_steer.localize.prompt_scores import score_prompts
 
         return score_prompts(self.model, self.tokenizer, prompts, targets, self.compile(spec)).correct.tolist()
 

@@ -1,4 +1,4 @@
-"""Random-neuron controls, and the neuron-list interventions every protocol applies.
+"""Random-neuron (and random-head) controls, and the neuron-list interventions every protocol applies.
 
 A control is a random neuron list of the same size as the set, given the same dose (the same
 operation). Two kinds:
@@ -58,6 +58,17 @@ def matched_neurons(neurons: Sequence[Pair], shape: ModelShape, seed: int) -> li
             raise ValueError(f"layer {layer}: cannot draw {per_layer[layer]} neurons from {free.size} free ones")
         out += [(layer, int(i)) for i in rng.choice(free, size=per_layer[layer], replace=False)]
     return out
+
+
+def _head_units(shape: ModelShape) -> ModelShape:
+    """The model seen with its attention heads as the units of each layer."""
+    return ModelShape(shape.num_layers, shape.num_heads)
+
+
+def control_heads(kind: str, heads: Sequence[Pair], shape: ModelShape, seed: int) -> list[Pair]:
+    """One control of ``kind`` for the ``(layer, head)`` set ``heads``: drawn as neurons are, with
+    the heads as the units of each layer."""
+    return control_neurons(kind, heads, _head_units(shape), seed)
 
 
 def control_neurons(kind: str, neurons: Sequence[Pair], shape: ModelShape, seed: int) -> list[Pair]:

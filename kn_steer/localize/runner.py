@@ -268,7 +268,8 @@ def run_localization(
     neuron_set = NeuronSet(
         name=info.name, description=info.description or f"{spec.description} on {info.data_file}",
         model=model_identity(model_ref, config), method=MethodInfo(name=spec.name, params=params.model_dump()),
-        operation=selection.operation, neurons=selection.neurons, directions=selection.directions,
+        operation=selection.operation, neurons=selection.neurons, heads=selection.heads,
+        directions=selection.directions,
         provenance=Provenance(
             data_file=info.data_file,
             data_sha256=info.data_sha256 or (content_sha256(info.data_file)

@@ -30,7 +30,7 @@ from kn_steer.eval.controls import (
     control_neurons,
     layer_counts,
 )
-from kn_steer.eval.prompts import score_prompts
+from kn_steer.localize.prompt_scores import score_prompts
 from kn_steer.eval.protocols.common import FolderProtocol
 from kn_steer.localize.methods import Context, ExampleResult
 from kn_steer.localize.methods.kn import KN, KNExample, KNParams, fact_examples

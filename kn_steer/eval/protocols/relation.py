@@ -32,7 +32,7 @@ from kn_steer.eval.controls import (
     matched_neurons,
     uniform_neurons,
 )
-from kn_steer.eval.prompts import score_prompts
+from kn_steer.localize.prompt_scores import score_prompts
 from kn_steer.eval.protocols.common import FolderProtocol
 from kn_steer.localize.command import localize_command, model_argument
 from kn_steer.localize.methods.relation import (

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from kn_steer.data.twohop import TwoHopChain, load_twohop
 from kn_steer.eval.cache import ResultCache
 from kn_steer.eval.controls import control_neurons, layer_counts, neuron_spec
-from kn_steer.eval.prompts import score_prompts
+from kn_steer.localize.prompt_scores import score_prompts
 from kn_steer.eval.protocols.knowledge import KnowledgeConfig, KnowledgeProtocol
 from kn_steer.eval.vllm_backend import continuation_logprobs, generate
 from kn_steer.localize.methods.kn import KN, KNExample

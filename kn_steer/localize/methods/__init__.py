@@ -3,6 +3,7 @@ in :data:`METHODS`.
 
 * ``kn`` (:mod:`.kn`, per-example) — knowledge neurons, Dai et al. 2022
 * ``kn-consistent`` (:mod:`.kn_consistent`, per-example) — consistency-aware knowledge neurons, after Chen et al.
+* ``kn-multilingual`` (:mod:`.kn_multilingual`, per-example) — knowledge neurons over languages weighted by uncertainty, after MATRICE
 * ``ircan`` (:mod:`.ircan`, per-example) — context-aware neurons, IRCAN
 * ``relation`` (:mod:`.relation`, corpus) — relation-specific neurons by average precision
 * ``concept`` (:mod:`.concept`, weights) — the neurons of a word through the LM head, Davies et al.
@@ -10,6 +11,7 @@ in :data:`METHODS`.
 * ``dead``, ``token`` (:mod:`.firing`, corpus) — never-firing neurons and token detectors, Voita et al.
 * ``language`` (:mod:`.language`, corpus) — language-specific neurons by activation-probability entropy, LAPE
 * ``emotion`` (:mod:`.emotion`, corpus) — neurons tracking a rated attribute of emotion concepts, Li et al.
+* ``relation-heads`` (:mod:`.relation_heads`, corpus) — a relation's attention heads by specific ablation effect
 * ``diff-means`` (:mod:`.diff_means`, corpus) — a residual-stream direction from two prompt sets, Arditi et al.
 """
 
@@ -35,11 +37,13 @@ from kn_steer.localize.methods.firing import DEAD, TOKEN
 from kn_steer.localize.methods.ircan import IRCAN
 from kn_steer.localize.methods.kn import KN
 from kn_steer.localize.methods.kn_consistent import KN_CONSISTENT
+from kn_steer.localize.methods.kn_multilingual import KN_MULTILINGUAL
 from kn_steer.localize.methods.language import LANGUAGE
 from kn_steer.localize.methods.relation import RELATION
+from kn_steer.localize.methods.relation_heads import RELATION_HEADS
 
-METHODS: dict[str, Method] = {m.name: m for m in (KN, KN_CONSISTENT, IRCAN, RELATION, LANGUAGE, EMOTION, DEAD, TOKEN, CONCEPT, ENTROPY,
-                                             DIFF_MEANS)}
+METHODS: dict[str, Method] = {m.name: m for m in (KN, KN_CONSISTENT, KN_MULTILINGUAL, IRCAN, RELATION, LANGUAGE, EMOTION, DEAD, TOKEN, CONCEPT, ENTROPY,
+                                             DIFF_MEANS, RELATION_HEADS)}
 
 
 def get_method(name: str) -> Method:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kn_steer.errors import KnSteerError
 from kn_steer.localize.examples import Example, load_examples
 from kn_steer.localize.ranking import top_flat
-from kn_steer.sets.format import Direction, Neuron, Operation
+from kn_steer.sets.format import Direction, Head, Neuron, Operation
 
 
 class ScoredNeuron(BaseModel):
@@ -58,13 +58,14 @@ class CorpusStats:
 
 @dataclass
 class Selection:
-    """The final set: neurons (with scores), or residual-stream directions, the default operation
-    and metrics for the file."""
+    """The final set: neurons or attention heads (with scores), or residual-stream directions, the
+    default operation and metrics for the file."""
 
     neurons: list[Neuron]
     operation: Operation
     metrics: dict[str, Any] = field(default_factory=dict)
     directions: list[Direction] = field(default_factory=list)
+    heads: list[Head] = field(default_factory=list)
 
 
 @dataclass

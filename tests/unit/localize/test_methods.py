@@ -32,6 +32,8 @@ from kn_steer.localize.methods.firing import TextCorpus
 from kn_steer.localize.methods.emotion import EmotionCorpus
 from kn_steer.localize.methods.diff_means import ContrastCorpus
 from kn_steer.localize.methods.language import LanguageCorpus
+from kn_steer.localize.methods.kn_multilingual import MultilingualExample
+from kn_steer.localize.methods.relation_heads import FactCorpus
 from kn_steer.models import ModelRef
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import NeuronSet, model_identity
@@ -40,10 +42,10 @@ from kn_steer.sets.format import NeuronSet, model_identity
 
 
 def test_registry_is_explicit_and_complete() -> None:
-    assert sorted(METHODS) == ["concept", "dead", "diff-means", "emotion", "entropy", "ircan", "kn", "kn-consistent",
-                              "language", "relation", "token"]
+    assert sorted(METHODS) == ["concept", "dead", "diff-means", "emotion", "entropy", "ircan", "kn", "kn-consistent", "kn-multilingual",
+                              "language", "relation", "relation-heads", "token"]
     assert {m.kind for m in METHODS.values()} == {"example", "corpus", "weights"}
-    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, dead, diff-means, emotion, entropy, ircan, kn, kn-consistent, language, relation, token"):
+    with pytest.raises(KnSteerError, match="unknown localization method 'nope'; available: concept, dead, diff-means, emotion, entropy, ircan, kn, kn-consistent, kn-multilingual, language, relation, relation-heads, token"):
         get_method("nope")
 
 
@@ -150,10 +152,17 @@ EMOTIONS = EmotionCorpus(  # three "emotions" (words), two templates each, two r
     ratings=[[0.1, 0.9], [0.5, 0.4], [0.9, 0.0]])
 CONTRAST = ContrastCorpus(positive=["the capital of france", "paris is a city"], negative=["two masters", "no man"],
                           select_positive=["rome is a city", "the capital of italy"], select_negative=["penny wise", "kings"])
-DATA_FOR = {"diff-means": CONTRAST, "kn": FACTS, "kn-consistent": FACTS, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES, "token": TEXTS, "dead": TEXTS,
+LANGUAGE_FACTS = [MultilingualExample(id="fr", queries=[{"lang": "en", "prompt": "the capital of france is", "target": " paris"},
+                                                     {"lang": "xx", "prompt": "the capital city of france is", "target": " paris"}]),
+                  MultilingualExample(id="it", queries=[{"lang": "en", "prompt": "the capital of italy is", "target": " rome"}])]
+ANSWERED = FactCorpus(prompts=CORPUS.prompts, relations=CORPUS.relations,
+                      targets=[" paris", " rome", " japan", " spain", " brazil", " kenya", " peru"], source="tiny")
+DATA_FOR = {"diff-means": CONTRAST, "kn": FACTS, "kn-consistent": FACTS, "kn-multilingual": LANGUAGE_FACTS, "relation-heads": ANSWERED, "ircan": CONTEXTS, "relation": CORPUS, "language": LANGUAGES, "token": TEXTS, "dead": TEXTS,
             "emotion": EMOTIONS, "concept": None, "entropy": None}  # weights only
-PARAMS_FOR = {"diff-means": {"train": 2, "select": 2}, "kn": {"steps": 2}, "kn-consistent": {"steps": 2, "spread": 0.0, "threshold": 0.1}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
+PARAMS_FOR = {"diff-means": {"train": 2, "select": 2}, "kn": {"steps": 2}, "kn-consistent": {"steps": 2, "spread": 0.0, "threshold": 0.1},
+              "kn-multilingual": {"steps": 2, "spread": 0.0, "threshold": 0.1}, "ircan": {"steps": 2, "count": 5, "top_k": 4},
               "relation": {"relation": "P36", "count": 6, "batch_size": 3},
+              "relation-heads": {"relation": "P36", "count": 3, "known_only": False, "batch_size": 4},
               "concept": {"word": "paris", "top": 3, "max_rank": 40}, "entropy": {"top": 3, "null_dims": 4},
               "language": {"language": "aa", "filter_quantile": 0.5, "entropy_fraction": 0.3, "batch_size": 4},
               "token": {"token": "paris", "top": 4, "min_fires": 1}, "dead": {},
@@ -182,7 +191,7 @@ def test_every_method_runs_on_every_family(family: str, tmp_path: Path) -> None:
                                    RunInfo(name=f"{family}-{name}"), progress=False)
         loaded = NeuronSet.load(out)
         loaded.check_model(identity)
-        assert (loaded.neurons or loaded.directions) and len(loaded.neurons) == len(written.neurons)
+        assert (loaded.neurons or loaded.directions or loaded.heads) and len(loaded.neurons) == len(written.neurons)
         assert method.params_model.model_validate(loaded.method.params) == params
         if name == "diff-means":  # a direction at every layer (op ablate), as wide as the residual stream
             shape = ModelShape.from_config(model.config)
@@ -197,6 +206,10 @@ def test_every_method_runs_on_every_family(family: str, tmp_path: Path) -> None:
             assert len(loaded.neurons) == round(0.02 * shape.num_layers * shape.intermediate_size)
             assert loaded.metrics["attribute"] == "warm"
             assert loaded.provenance.examples == len(EMOTIONS.prompts) and len(loaded.metrics["chance_above_bar"]) == 3
+        elif name == "relation-heads":  # three heads, best first, a version-2 set
+            assert len(loaded.heads) == 3 and loaded.format_version == 2 and not loaded.neurons
+            assert [h.score for h in loaded.heads] == sorted((h.score for h in loaded.heads), reverse=True)
+            assert loaded.metrics["prompts"] == 3 and loaded.provenance.examples == len(ANSWERED.prompts)
         elif name == "language":
             assert loaded.metrics["per_language"]["aa"] == len(loaded.neurons)
             assert loaded.provenance.examples == len(LANGUAGES.prompts)

@@ -8,7 +8,7 @@ from helpers.tiny import build_tiny_model
 from helpers.tokenizer import word_tokenizer
 
 from kn_steer.data import ChoiceItem
-from kn_steer.eval.prompts import score_prompts
+from kn_steer.localize.prompt_scores import score_prompts
 from kn_steer.eval.scoring import score_hf
 from kn_steer.localize import Context, IRCANExample, KNExample
 from kn_steer.localize.methods import ircan, kn

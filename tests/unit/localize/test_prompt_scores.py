@@ -8,7 +8,7 @@ from helpers.tiny import TINY_CONFIGS, build_tiny_model
 from helpers.tokenizer import word_tokenizer
 
 from kn_steer.eval.controls import deactivation
-from kn_steer.eval.prompts import score_prompts
+from kn_steer.localize.prompt_scores import score_prompts
 from kn_steer.models.families import ModelShape
 from kn_steer.tokens import continuation_ids, prompt_ids
 

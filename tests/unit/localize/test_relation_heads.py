@@ -1,0 +1,69 @@
+"""``relation-heads``: each head's ablation effect equals zeroing its slice of ``o_proj``'s input
+by hand, the score is the relation's drop minus the others', and the set is the top heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.tiny import build_tiny_model
+from helpers.tokenizer import word_tokenizer
+
+from kn_steer.errors import KnSteerError
+from kn_steer.localize.methods import Context
+from kn_steer.localize.methods.relation_heads import FactCorpus, RelationHeadsParams, accumulate, select
+from kn_steer.localize.prompt_scores import score_prompts
+from kn_steer.models.families import ModelShape
+
+CORPUS = FactCorpus(prompts=["the capital of france is", "the capital city of italy is", "the capital of japan is",
+                             "the official language of spain is", "the official language of brazil is",
+                             "kenya is located in the continent"],
+                    targets=[" paris", " rome", " japan", " spain", " brazil", " kenya"],
+                    relations=["P36", "P36", "P36", "P37", "P37", "P30"], source="tiny")
+
+
+def _manual_drop(model, tok, prompts, targets, layer: int, head: int, head_dim: int) -> float:
+    base = score_prompts(model, tok, prompts, targets).prob
+
+    def zero(_module, args):
+        x = args[0].clone()
+        x[..., head * head_dim:(head + 1) * head_dim] = 0
+        return (x,)
+
+    handle = model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(zero)
+    try:
+        after = score_prompts(model, tok, prompts, targets).prob
+    finally:
+        handle.remove()
+    return float(((base - after) / base).mean())
+
+
+def test_head_ablation_is_the_o_proj_slice_and_the_score_is_specific() -> None:
+    model, tok = build_tiny_model("llama", seed=3), word_tokenizer()
+    shape = ModelShape.from_config(model.config)
+    params = RelationHeadsParams(relation="P36", count=2, known_only=False, max_prompts=3, batch_size=2)
+    stats = accumulate(Context(model, tok), CORPUS, params)
+    assert stats.scores.shape == (shape.num_layers, shape.num_heads)
+    assert stats.info["prompts"] == 3 and stats.info["other_prompts"] == 3
+    own, others = CORPUS.prompts[:3], CORPUS.prompts[3:]
+    for layer, head in [(0, 0), (shape.num_layers - 1, shape.num_heads - 1)]:
+        drop = _manual_drop(model, tok, own, CORPUS.targets[:3], layer, head, shape.head_dim)
+        assert stats.info["drop_relation"][layer][head] == pytest.approx(drop, abs=1e-5)
+        # the other relations' prompts, in the method's shuffled order: the same set of three
+        other = _manual_drop(model, tok, others, CORPUS.targets[3:], layer, head, shape.head_dim)
+        assert stats.info["drop_others"][layer][head] == pytest.approx(other, abs=1e-5)
+        assert float(stats.scores[layer, head]) == pytest.approx(drop - other, abs=1e-5)
+    chosen = select(stats, params)
+    best = torch.topk(stats.scores.flatten(), 2).indices.tolist()
+    assert [(h.layer * shape.num_heads + h.head) for h in chosen.heads] == best
+    assert chosen.operation.op == "scale" and chosen.operation.factor == 0.0 and not chosen.neurons
+
+
+def test_refusals() -> None:
+    model, tok = build_tiny_model("llama"), word_tokenizer()
+    with pytest.raises(KnSteerError, match="relation 'P99' has no prompts in tiny"):
+        accumulate(Context(model, tok), CORPUS, RelationHeadsParams(relation="P99"))
+    one = FactCorpus(prompts=CORPUS.prompts[:2], targets=CORPUS.targets[:2], relations=["P36", "P36"])
+    with pytest.raises(KnSteerError, match="at least two relations"):
+        accumulate(Context(model, tok), one, RelationHeadsParams(relation="P36"))
+    with pytest.raises(KnSteerError, match="answers no prompt of P36 right"):  # a random model knows nothing
+        accumulate(Context(model, tok), CORPUS, RelationHeadsParams(relation="P36"))
