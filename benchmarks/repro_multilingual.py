@@ -70,9 +70,13 @@ def print_table(result: dict[str, Any]) -> None:
                           _cell(e, "matched"), _p(e.get("p_vs_matched")))
     console.print(table)
     for split in ("all", "different_first_token"):
-        console.print(split + ": " + "; ".join(
-            f"{k}: p {_p(v['p'])}, median diff {'-' if v['median_difference'] is None else f'{100 * v['median_difference']:+.1f} pts'}"
-            for k, v in h[split].items() if k.endswith(tuple(RULES)) and "_vs_" in k))
+        parts = []
+        for k, v in h[split].items():
+            if "_vs_" in k:
+                diff = v["median_difference"]
+                parts.append(f"{k}: p {_p(v['p'])}, median difference "
+                             + ("-" if diff is None else f"{100 * diff:+.1f} points"))
+        console.print(f"{split}: " + "; ".join(parts))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -46,11 +46,12 @@ class RelationHeadsConfig(RelationConfig):
     head_counts: list[int] = Field(default_factory=lambda: [1, 3, 5], description="k: heads zeroed per relation")
     max_relations: int = Field(6, ge=1, description="evaluate the relations with the most known held-out prompts")
     max_prompts: int = Field(48, ge=1, description="relation-heads: right-answered train prompts per head")
+    head_layers: list[int] | None = Field(None, description="relation-heads: search these layers only (None: all)")
     controls: list[str] = Field(default_factory=lambda: list(CONTROL_KINDS))
     counts: list[int] = Field(default_factory=lambda: [1], description="(set from head_counts x head_dim)")
 
     def head_params(self, relation: str, count: int) -> RelationHeadsParams:
-        return RelationHeadsParams(relation=relation, count=count, max_prompts=self.max_prompts,
+        return RelationHeadsParams(relation=relation, count=count, max_prompts=self.max_prompts, layers=self.head_layers,
                                    facts_per_relation=self.facts_per_relation, prompts_per_fact=self.prompts_per_fact)
 
 

@@ -47,6 +47,7 @@ class RelationHeadsParams(BaseModel):
     relation: str = Field(description="the relation whose heads to find, e.g. P36")
     count: int = Field(5, ge=1, description="heads in the set: the top N by specific ablation effect")
     max_prompts: int = Field(48, ge=1, description="right-answered prompts of the relation (and of the others) per head")
+    layers: list[int] | None = Field(None, description="search the heads of these layers only (None: every layer)")
     known_only: bool = Field(True, description="measure on prompts the model answers right (False: on any prompt)")
     factor: float = Field(0.0, description="default operation: scale by this factor")
     facts_per_relation: int = Field(FACTS_PER_RELATION, ge=1, description="corpus: train facts per relation")
@@ -93,6 +94,10 @@ def accumulate(ctx: Context, corpus: FactCorpus, params: RelationHeadsParams) ->
     shape = ModelShape.from_config(ctx.model.config)
     if not shape.num_heads:
         raise KnSteerError("this model family does not declare its attention heads")
+    layers = sorted(set(params.layers)) if params.layers is not None else list(range(shape.num_layers))
+    bad = [layer for layer in layers if not 0 <= layer < shape.num_layers]
+    if bad or not layers:
+        raise KnSteerError(f"layers {bad or '[]'}: the model has layers 0..{shape.num_layers - 1}")
     own = [i for i, r in enumerate(corpus.relations) if r == params.relation]
     others = [i for i, r in enumerate(corpus.relations) if r != params.relation]
     random.Random(f"relation-heads:{params.relation}").shuffle(others)
@@ -108,8 +113,8 @@ def accumulate(ctx: Context, corpus: FactCorpus, params: RelationHeadsParams) ->
                                f"right in {corpus.source or 'the corpus'}")
         groups[name] = ([prompts[i] for i in right], [targets[i] for i in right], base)
     drops = torch.zeros(2, shape.num_layers, shape.num_heads)
-    bar = tqdm(total=shape.num_layers * shape.num_heads, desc="head ablations", unit="head", disable=not ctx.progress)
-    for layer in range(shape.num_layers):
+    bar = tqdm(total=len(layers) * shape.num_heads, desc="head ablations", unit="head", disable=not ctx.progress)
+    for layer in layers:
         for head in range(shape.num_heads):
             compiled = head_ablation([(layer, head)], shape)
             for g, (prompts, targets, base) in enumerate(groups.values()):
@@ -119,14 +124,18 @@ def accumulate(ctx: Context, corpus: FactCorpus, params: RelationHeadsParams) ->
     bar.close()
     return CorpusStats(scores=drops[0] - drops[1], info={
         "prompts": len(groups["relation"][0]), "other_prompts": len(groups["others"][0]),
-        "relations": len(present), "drop_relation": drops[0].tolist(), "drop_others": drops[1].tolist(),
+        "relations": len(present), "layers": layers,
+        "drop_relation": drops[0].tolist(), "drop_others": drops[1].tolist(),
     })
 
 
 def select(stats: CorpusStats, params: RelationHeadsParams) -> Selection:
-    flat = stats.scores.flatten()
-    order = torch.argsort(flat, descending=True, stable=True)[: params.count]
+    """The top ``count`` heads of the searched layers by score."""
     width = stats.scores.shape[1]
+    searched = torch.zeros_like(stats.scores, dtype=torch.bool)
+    searched[stats.info["layers"]] = True
+    flat = stats.scores.flatten()
+    order = [int(k) for k in torch.argsort(flat, descending=True, stable=True) if searched.flatten()[k]][: params.count]
     heads = [Head(layer=int(k) // width, head=int(k) % width, score=float(flat[k])) for k in order]
     info = {k: v for k, v in stats.info.items() if not k.startswith("drop_")}
     return Selection(neurons=[], heads=heads, operation=Operation(op="scale", factor=params.factor),

@@ -58,6 +58,16 @@ def test_head_ablation_is_the_o_proj_slice_and_the_score_is_specific() -> None:
     assert chosen.operation.op == "scale" and chosen.operation.factor == 0.0 and not chosen.neurons
 
 
+def test_searched_layers_only() -> None:
+    model, tok = build_tiny_model("llama", seed=3), word_tokenizer()
+    params = RelationHeadsParams(relation="P36", count=3, known_only=False, max_prompts=3, layers=[1])
+    stats = accumulate(Context(model, tok), CORPUS, params)
+    assert stats.info["layers"] == [1] and not stats.scores[0].any()
+    assert {h.layer for h in select(stats, params).heads} == {1}
+    with pytest.raises(KnSteerError, match=r"layers \[7\]: the model has layers 0..2"):
+        accumulate(Context(model, tok), CORPUS, params.model_copy(update={"layers": [1, 7]}))
+
+
 def test_refusals() -> None:
     model, tok = build_tiny_model("llama"), word_tokenizer()
     with pytest.raises(KnSteerError, match="relation 'P99' has no prompts in tiny"):
