@@ -29,6 +29,12 @@ CONDITIONS = [("heads_set", "top heads"), ("heads_matched", "matched random head
               ("neurons_matched", "matched random neurons")]
 
 
+def conditions(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The conditions this run measured (the random-head controls are a choice)."""
+    first = next(iter(result["summary"].values()), {})
+    return [(name, title) for name, title in CONDITIONS if name in first]
+
+
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -39,19 +45,19 @@ def print_table(result: dict[str, Any]) -> None:
                   f"evaluated relations (known held-out prompts): {result['known_prompts']}")
     table = Table(title="Accuracy on held-out known prompts (1.00 unsteered), mean over relations: own / others")
     table.add_column("k heads (= units)")
-    for _, title in CONDITIONS:
+    for _, title in conditions(result):
         table.add_column(title, justify="right")
     table.add_column("p own: heads vs matched / neurons vs matched / heads vs neurons", justify="right")
     for k, e in result["summary"].items():
         units = k if not result["rows"] else next(r["units"] for r in result["rows"] if str(r["k"]) == k)
-        cells = [f"{e[name]['own']:.2f} / {e[name]['others']:.2f}" if name in e else "-" for name, _ in CONDITIONS]
+        cells = [f"{e[name]['own']:.2f} / {e[name]['others']:.2f}" for name, _ in conditions(result)]
         ps = [e.get("p_own_heads_set_vs_heads_matched"), e.get("p_own_neurons_set_vs_neurons_matched"),
               e.get("p_own_heads_set_vs_neurons_set")]
         table.add_row(f"{k} ({units})", *cells, " / ".join("-" if p is None else f"{p:.2g}" for p in ps))
     console.print(table)
     for row in result["rows"]:
         console.print(f"  {row['relation']} k={row['k']}: heads {row['heads']} own {row['heads_set']['own']:.2f} "
-                      f"(matched {row['heads_matched']['own']:.2f}); neurons own {row['neurons_set']['own']:.2f} "
+                      f"(random {row.get('heads_matched', row.get('heads_uniform', {})).get('own', float('nan')):.2f}); neurons own {row['neurons_set']['own']:.2f} "
                       f"(matched {row['neurons_matched']['own']:.2f})")
 
 
@@ -64,9 +70,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ks = list(result["summary"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     colors = ["tab:red", "tab:cyan", "silver", "tab:purple", "plum"]
-    width = 0.8 / len(CONDITIONS)
+    shown = conditions(result)
+    width = 0.8 / len(shown)
     for ax, side in zip(axes, ("own", "others")):
-        for c, ((name, title), color) in enumerate(zip(CONDITIONS, colors)):
+        for c, ((name, title), color) in enumerate(zip(shown, colors)):
             values = [result["summary"][k][name][side] for k in ks]
             ax.bar([i + c * width for i in range(len(ks))], values, width, color=color, label=title)
         ax.set_xticks([i + 2 * width for i in range(len(ks))], [f"k={k} heads" for k in ks])
@@ -89,13 +96,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--test-facts", type=int, default=150)
     p.add_argument("--test-prompts", type=int, default=2)
     p.add_argument("--min-known", type=int, default=10)
+    p.add_argument("--controls", default="matched,uniform", help="random-head controls")
+    p.add_argument("--head-layers", nargs="*", type=int, default=None, help="search these layers' heads only")
     add_common(p)
     args = p.parse_args(argv)
     setup_threads(args.threads)
     folder = args.data or data_dir() / "pararel"
     config = RelationHeadsConfig(head_counts=args.head_counts, max_relations=args.max_relations,
                                  max_prompts=args.max_prompts, seeds=args.seeds, test_facts=args.test_facts,
-                                 test_prompts=args.test_prompts, min_known=args.min_known)
+                                 test_prompts=args.test_prompts, min_known=args.min_known, head_layers=args.head_layers,
+                                 controls=[c for c in args.controls.split(",") if c])
     out = output_path(args, "relation-heads")
     ref = resolve_model(args.model)
     model, tok = load_hf_model(ref)

@@ -137,6 +137,9 @@ def _option_for(field: str, info: FieldInfo) -> tuple[Any, Any]:
     if base is bool:
         return Optional[bool], typer.Option(None, f"{option_name(field)}/{negative_option_name(field)}",
                                             help=help_text)
+    if typing.get_origin(base) is list and typing.get_args(base)[0] in (int, float, str):
+        item = typing.get_args(base)[0]  # repeated: --layers 10 --layers 11
+        return Optional[list[item]], typer.Option(None, option_name(field), help=help_text + "; repeat the option")
     if base not in (int, float, str):
         raise TypeError(f"parameter {field!r}: type {annotation} has no command-line form")
     return Optional[base], typer.Option(... if required else None, option_name(field), help=help_text)
@@ -181,6 +184,7 @@ def _driver_model(ref: ModelRef) -> tuple[Any, Any]:
 
 def _run(method: Method, values: dict[str, Any]) -> None:
     common = {k: values.pop(k, None) for k in COMMON}  # a weights method has no data options
+    values = {k: (None if v == [] or v == () else v) for k, v in values.items()}  # a list option not given
     params: BaseModel = method.parse_params(values)
     data, out = common["data"], common["out"]
     workers, address = common["workers"], common["address"]

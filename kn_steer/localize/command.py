@@ -27,13 +27,17 @@ def negative_option_name(field: str) -> str:
 
 
 def param_arguments(params: BaseModel) -> list[str]:
-    """``--name value`` for every parameter (booleans as ``--flag`` / ``--no-flag``; None left out)."""
+    """``--name value`` for every parameter (booleans as ``--flag`` / ``--no-flag``; a list as the
+    option repeated; None left out)."""
     args: list[str] = []
     for field, value in params.model_dump().items():
         if value is None:
             continue
         if isinstance(value, bool):
             args.append(option_name(field) if value else negative_option_name(field))
+        elif isinstance(value, list):  # a list option is repeated
+            for item in value:
+                args += [option_name(field), repr(item) if isinstance(item, float) else str(item)]
         else:
             args += [option_name(field), repr(value) if isinstance(value, float) else str(value)]
     return args

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kn_steer.data.mlama import DEFAULT_LANGUAGES, load_mlama
+from kn_steer.errors import DataError
 from kn_steer.localize.engine import attribute_ids, encode_prompt, encode_target
 from kn_steer.localize.examples import Example
 from kn_steer.localize.methods.base import Context, ExampleMethod, ExampleResult, ScoredNeuron, Selection
@@ -199,7 +200,11 @@ def _relations_in(folder: Path) -> list[str]:
 
 
 def _read_mlama(path: Path, limit: int | None) -> list[Any]:
-    return mlama_examples(path, limit)
+    """``--format mlama``: every language of the folder (English first), facts asked in two or more."""
+    langs = sorted((p.stem for p in (Path(path) / "templates").glob("*.jsonl")), key=lambda x: (x != "en", x))
+    if not langs:
+        raise DataError(f"{path}: not an mLAMA folder (no templates/LANG.jsonl)")
+    return mlama_examples(path, limit, langs)
 
 
 KN_MULTILINGUAL = ExampleMethod(

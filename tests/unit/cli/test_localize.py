@@ -61,6 +61,7 @@ def test_vllm_backend_is_recorded_and_checked() -> None:
 def test_recorded_command_parses_back_to_the_same_parameters(name: str) -> None:
     method = METHODS[name]
     required = {"relation": {"relation": "P36"}, "concept": {"word": "dog"}, "language": {"language": "fr"},
+                "relation-heads": {"relation": "P36", "layers": [28, 29]},  # a list option, repeated
                 "token": {"token": "the"}, "emotion": {"attribute": "valence"}}  # entropy, dead: all defaults
     params = method.parse_params(required.get(name, {}))
     fields = method.params_model.model_fields
