@@ -69,7 +69,7 @@ class RelationHeadsProtocol(RelationProtocol):
     def head_scores(self, relation: str) -> CorpusStats:
         """The relation-heads method's scores for ``relation`` (cached)."""
         params = self.config.head_params(relation, max(self.config.head_counts))
-        key = self._key("relation-heads", params=params.model_dump())
+        key = self._key("relation-heads", params=params.model_dump(), scan="until-found")
 
         def compute() -> dict[str, Any]:
             corpus = FactCorpus(prompts=[c.prompt for c in self.corpus], targets=[c.target for c in self.corpus],

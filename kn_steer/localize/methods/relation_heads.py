@@ -78,10 +78,20 @@ def head_ablation(heads: Sequence[tuple[int, int]], shape: ModelShape, factor: f
 def known_prompts(ctx: Context, prompts: Sequence[str], targets: Sequence[str], limit: int,
                   batch_size: int, known_only: bool = True) -> tuple[list[int], torch.Tensor]:
     """The first ``limit`` prompts answered right (greedy first token; any with ``known_only``
-    False), and their P(answer)."""
-    scores = score_prompts(ctx.model, ctx.tokenizer, prompts, targets, batch_size=batch_size)
-    right = [i for i in range(len(prompts)) if bool(scores.correct[i]) or not known_only][:limit]
-    return right, scores.prob[right]
+    False), and their P(answer); prompts are scored a chunk at a time until enough are found."""
+    right: list[int] = []
+    probs: list[float] = []
+    chunk = max(4 * limit, batch_size)
+    for start in range(0, len(prompts), chunk):
+        scores = score_prompts(ctx.model, ctx.tokenizer, prompts[start:start + chunk], targets[start:start + chunk],
+                               batch_size=batch_size)
+        for i in range(len(scores.prob)):
+            if bool(scores.correct[i]) or not known_only:
+                right.append(start + i)
+                probs.append(float(scores.prob[i]))
+        if len(right) >= limit:
+            break
+    return right[:limit], torch.tensor(probs[:limit])
 
 
 def accumulate(ctx: Context, corpus: FactCorpus, params: RelationHeadsParams) -> CorpusStats:
@@ -101,7 +111,6 @@ def accumulate(ctx: Context, corpus: FactCorpus, params: RelationHeadsParams) ->
     own = [i for i, r in enumerate(corpus.relations) if r == params.relation]
     others = [i for i, r in enumerate(corpus.relations) if r != params.relation]
     random.Random(f"relation-heads:{params.relation}").shuffle(others)
-    others = others[: 8 * params.max_prompts]  # enough candidates to find as many right-answered ones
     groups = {}
     for name, idx, limit in (("relation", own, params.max_prompts), ("others", others, None)):
         prompts = [corpus.prompts[i] for i in idx]

@@ -26,6 +26,8 @@ def test_heads_beside_neurons(default_hf, default_ref, tmp_path: Path) -> None:
     rows = result["rows"]
     assert [(r["relation"], r["k"], r["units"]) for r in rows] == [(relation, 1, 64), (relation, 2, 128)]
     top = result["head_scores"][relation]["top"]
+    info = result["head_scores"][relation]["info"]
+    assert info["other_prompts"] == info["prompts"] > 0  # as many right-answered prompts of the other relations
     assert rows[0]["heads"] == top[:1] and rows[1]["heads"] == top[:2] and {h[0] for h in top} <= {28, 29}
     for row in rows:
         for name in ("heads_set", "heads_matched", "neurons_set", "neurons_matched"):

@@ -10,7 +10,7 @@ from helpers.tokenizer import word_tokenizer
 
 from kn_steer.errors import KnSteerError
 from kn_steer.localize.methods import Context
-from kn_steer.localize.methods.relation_heads import FactCorpus, RelationHeadsParams, accumulate, select
+from kn_steer.localize.methods.relation_heads import FactCorpus, RelationHeadsParams, accumulate, known_prompts, select
 from kn_steer.localize.prompt_scores import score_prompts
 from kn_steer.models.families import ModelShape
 
@@ -77,3 +77,12 @@ def test_refusals() -> None:
         accumulate(Context(model, tok), one, RelationHeadsParams(relation="P36"))
     with pytest.raises(KnSteerError, match="answers no prompt of P36 right"):  # a random model knows nothing
         accumulate(Context(model, tok), CORPUS, RelationHeadsParams(relation="P36"))
+
+
+def test_known_prompts_scan_until_enough_are_found(default_hf) -> None:
+    model, tok = default_hf
+    unknown = [f"the number {k} is" for k in range(10)]  # answered by nothing sensible: " paris" is never first
+    known = ["The capital of France is", "The capital of Italy is", "The capital of Japan is"]
+    prompts, targets = unknown + known, [" Paris"] * 10 + [" Paris", " Rome", " Tokyo"]
+    right, probs = known_prompts(Context(model, tok), prompts, targets, limit=2, batch_size=4)  # chunks of 8
+    assert right == [10, 11] and probs.shape == (2,) and bool((probs > 0.1).all())
