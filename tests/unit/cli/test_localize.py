@@ -103,7 +103,8 @@ def test_deprecated_method_flag_and_errors(tmp_path: Path) -> None:
     assert "facts.jsonl:1: missing field 'target'" in done.stderr
     runner = CliRunner()
     unknown = runner.invoke(app, ["localize", "nope", "--data", str(data), "--out", out])
-    assert "available: concept, dead, diff-means, emotion, entropy, ircan, kn, kn-consistent, language, relation, token" in str(unknown.exception)
+    assert ("available: concept, dead, diff-means, emotion, entropy, ircan, kn, kn-consistent, kn-multilingual, language, "
+            "relation, relation-heads, token") in str(unknown.exception)
     foreign = runner.invoke(app, ["localize", "kn", "--top-k", "3", "--data", str(data), "--out", out])
     assert foreign.exit_code != 0 and "No such option: --top-k" in foreign.output
     invalid = runner.invoke(app, ["localize", "kn", "--threshold", "7", "--data", str(data), "--out", out])
