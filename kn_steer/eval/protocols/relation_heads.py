@@ -39,7 +39,6 @@ from kn_steer.localize.prompt_scores import score_prompts
 from kn_steer.stats import compare_paired_signed_rank
 
 Pair = tuple[int, int]
-UNITS = ("heads", "neurons")
 
 
 class RelationHeadsConfig(RelationConfig):
