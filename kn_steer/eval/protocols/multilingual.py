@@ -37,6 +37,7 @@ from kn_steer.eval.cache import ResultCache
 from kn_steer.eval.controls import CONTROL_KINDS, compiled_for, control_neurons, layer_counts
 from kn_steer.localize.prompt_scores import score_prompts
 from kn_steer.eval.protocols.knowledge import KnowledgeProtocol
+from kn_steer.eval.protocols.query_localization import relative_change
 from kn_steer.localize.methods.kn_multilingual import (
     KN_MULTILINGUAL,
     LanguageQuery,
@@ -80,10 +81,6 @@ class MultilingualConfig(BaseModel):
 
     def method_params(self) -> MultilingualParams:
         return MultilingualParams(steps=self.steps, threshold=self.threshold, spread=self.spread)
-
-
-def relative_change(after: Sequence[float], base: Sequence[float], queries: Sequence[int]) -> float:
-    return statistics.mean((after[q] - base[q]) / base[q] for q in queries)
 
 
 class MultilingualProtocol(KnowledgeProtocol):
@@ -343,5 +340,5 @@ def protocol(model: Any, tokenizer: Any, ref: Any, folder: str | Path, config: M
     return MultilingualProtocol(model, tokenizer, ref, folder, config, cache, checkpoints, progress)  # type: ignore[arg-type]
 
 
-__all__ = ["ML_RELATIONS", "MultilingualConfig", "MultilingualProtocol", "RULES", "protocol", "relative_change",
+__all__ = ["ML_RELATIONS", "MultilingualConfig", "MultilingualProtocol", "RULES", "protocol",
            "summarize_held_out", "summarize_transfer"]

@@ -61,16 +61,23 @@ class RelationParams(BaseModel):
     batch_size: int = Field(32, ge=1, description="prompts per forward")
 
 
-def load_corpus(path: Path, format: str, params: RelationParams, limit: int | None = None) -> RelationCorpus:
-    """The training corpus of a PARAREL folder (every relation with a usable pattern)."""
+def train_items(method: str, path: Path, facts_per_relation: int, prompts_per_fact: int,
+                limit: int | None = None) -> list[LabelledPrompt]:
+    """The PARAREL train-split prompts a relation method reads (every relation with a usable pattern)."""
     if limit is not None:
-        raise KnSteerError("--limit does not apply to the relation method; "
+        raise KnSteerError(f"--limit does not apply to the {method} method; "
                            "use --facts-per-relation / --prompts-per-fact")
     if not path.is_dir():
-        raise DataError(f"{path}: the relation method reads a PARAREL folder (patterns/ and facts/)")
-    items = relation_prompts(load_pararel(path), "train", params.facts_per_relation, params.prompts_per_fact)
+        raise DataError(f"{path}: the {method} method reads a PARAREL folder (patterns/ and facts/)")
+    items = relation_prompts(load_pararel(path), "train", facts_per_relation, prompts_per_fact)
     if not items:
         raise DataError(f"{path}: no usable PARAREL prompts")
+    return items
+
+
+def load_corpus(path: Path, format: str, params: RelationParams, limit: int | None = None) -> RelationCorpus:
+    """The training corpus of a PARAREL folder (every relation with a usable pattern)."""
+    items = train_items("relation", path, params.facts_per_relation, params.prompts_per_fact, limit)
     return RelationCorpus.of(items, str(path))
 
 

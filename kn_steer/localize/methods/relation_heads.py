@@ -23,10 +23,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from kn_steer.data.pararel import FACTS_PER_RELATION, PROMPTS_PER_FACT, load_pararel, relation_prompts
-from kn_steer.errors import DataError, KnSteerError
+from kn_steer.data.pararel import FACTS_PER_RELATION, PROMPTS_PER_FACT
+from kn_steer.errors import KnSteerError
 from kn_steer.localize.prompt_scores import score_prompts
 from kn_steer.localize.methods.base import Context, CorpusMethod, CorpusStats, Selection
+from kn_steer.localize.methods.relation import train_items
 from kn_steer.models.families import ModelShape
 from kn_steer.sets.format import Head, Operation
 from kn_steer.steering.compile import CompiledSteering, compile_spec
@@ -56,15 +57,8 @@ class RelationHeadsParams(BaseModel):
 
 
 def load_corpus(path: Path, format: str, params: RelationHeadsParams, limit: int | None = None) -> FactCorpus:
-    """The training corpus of a PARAREL folder (every relation with a usable pattern)."""
-    if limit is not None:
-        raise KnSteerError("--limit does not apply to the relation-heads method; "
-                           "use --facts-per-relation / --prompts-per-fact")
-    if not path.is_dir():
-        raise DataError(f"{path}: the relation-heads method reads a PARAREL folder (patterns/ and facts/)")
-    items = relation_prompts(load_pararel(path), "train", params.facts_per_relation, params.prompts_per_fact)
-    if not items:
-        raise DataError(f"{path}: no usable PARAREL prompts")
+    """The training corpus of a PARAREL folder (every relation with a usable pattern), with answers."""
+    items = train_items("relation-heads", path, params.facts_per_relation, params.prompts_per_fact, limit)
     return FactCorpus(prompts=[i.prompt for i in items], targets=[i.target for i in items],
                       relations=[i.relation for i in items], source=str(path))
 
