@@ -9,7 +9,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 # make serve SETS=dir VLLM_ARGS='--max-num-seqs 64': neuron-set folder and extra vllm serve flags
 
-.PHONY: install test serve bench clean-venv
+.PHONY: install test serve bench lens-env clean-venv
 
 install: $(STAMP)
 
@@ -37,5 +37,17 @@ serve: install
 bench: install
 	$(BIN)/python benchmarks/run_all.py
 
+# vllm-lens, only for the side-by-side serving benchmark (bench_serving.py --configs ...,lens-directions):
+# its own environment layered over .venv (same vLLM and torch), since it forces eager mode on every
+# engine it is installed beside. It declares Python >= 3.12 and pins vllm==0.30.0; its code runs on
+# this Python 3.11 and vLLM 0.32, hence --no-deps --ignore-requires-python.
+LENS_VENV := .venv-lens
+LENS_VERSION ?= 1.3.0
+lens-env: install
+	test -x $(LENS_VENV)/bin/python || $$($(BIN)/python -c 'import sys; print(sys._base_executable)') -m venv $(LENS_VENV)
+	echo "import site; site.addsitedir('$(abspath $(VENV))/lib/python$$($(BIN)/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages')" \
+		> $$(ls -d $(LENS_VENV)/lib/python3*/site-packages)/zz_kn_steer_venv.pth
+	$(LENS_VENV)/bin/python -m pip install --quiet --no-deps --ignore-requires-python vllm-lens==$(LENS_VERSION) zstandard
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LENS_VENV)

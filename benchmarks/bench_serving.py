@@ -20,6 +20,12 @@ One workload (default: 64 requests of 128 random prompt tokens, 64 generated tok
   >= 0.97 of plain);
 * (j) ``everything``: every request steers (h)'s neurons and heads, adds one direction and ablates
   another after every layer (mixed neuron+direction+head specs);
+* (k) ``lens-idle``: vllm-lens 1.3.0 loaded instead of kn-steer (it forces eager mode), no request
+  steered; (l) ``lens-directions``: vllm-lens adds (i)'s very vector after every layer in every
+  request (``SamplingParams.extra_args["apply_steering_vectors"]``); (m) ``plain-eager``: vLLM
+  without any plugin in eager mode, which separates what eager mode costs from what the hooks cost.
+  These run under ``.venv-lens`` (``make lens-env``), an environment layered over ``.venv`` with
+  the same vLLM and torch, so that vllm-lens never touches the other engines;
 
 and the scaling sweeps (all requests steered): distinct specs per batch (1, 4, 16, 64; 500
 neurons each) and neurons per spec (10 .. every neuron of every layer, one spec).
@@ -68,7 +74,11 @@ CORE = {  # name: (engine, workload, seed slot, label)
     "directions": ("plugin", {"kind": "directions"}, 51, "(i) all steered, a direction added after every layer"),
     "everything": ("plugin", {"kind": "everything"}, 52,
                    f"(j) all steered: (h) + a direction added and one ablated after every layer"),
+    "lens-idle": ("lens", {"kind": "unsteered"}, 0, "(k) vllm-lens loaded (eager), no steering"),
+    "lens-directions": ("lens", {"kind": "directions"}, 51, "(l) vllm-lens: (i)'s direction after every layer"),
+    "plain-eager": ("plain-eager", {"kind": "unsteered"}, 0, "(m) plain vLLM, no plugin, eager mode"),
 }
+LENS_PYTHON = common.ROOT / ".venv-lens" / "bin" / "python"
 WATCHED_SET = {"smollm2-135m": "smollm2-135m-relation-P37", "gemma3-270m": None}  # 100 neurons
 HF = ("hf", {"kind": "uniform", "distinct": 1, "neurons": common.STEERED_NEURONS}, 1,
       "transformers generate + pre-hooks, batch 16, steered as (c)")
@@ -105,9 +115,27 @@ def worker(role_json: str, result_fd: str) -> None:
     llm = LLM(model=role["model"]["path"], dtype="float32", seed=0, enforce_eager=role["enforce_eager"], **extra)
     startup_s = time.perf_counter() - t0
 
+    lens = role["name"] == "lens"
+    lens_vectors: dict[int, Any] = {}  # one SteeringVector per distinct spec, as kn-steer caches compiled specs
+
     def params(spec: dict | None, max_tokens: int) -> SamplingParams:
-        extra = {"kn_steer": spec} if spec is not None else None
+        extra = None
+        if spec is not None:
+            extra = {"apply_steering_vectors": [lens_vector(spec)]} if lens else {"kn_steer": spec}
         return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
+
+    def lens_vector(spec: dict):
+        """The vllm-lens form of a spec that only adds directions: alpha x v at each listed layer's output."""
+        if id(spec) not in lens_vectors:
+            import torch
+            from vllm_lens import SteeringVector
+
+            (add,) = spec["interventions"]
+            assert add["op"] == "add" and "direction" in add, "vllm-lens runs only the directions workload"
+            row = torch.tensor(add["direction"], dtype=torch.float32) * float(add["alpha"])
+            lens_vectors[id(spec)] = SteeringVector(activations=row.repeat(len(add["layers"]), 1),
+                                                    layer_indices=list(add["layers"]), scale=1.0, norm_match=False)
+        return lens_vectors[id(spec)]
 
     def generate(prompts: list[list[int]], specs: list[dict | None], max_tokens: int):
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -123,9 +151,20 @@ def worker(role_json: str, result_fd: str) -> None:
             everything = common.spread_neurons(shape["num_layers"] * shape["intermediate_size"], 0,
                                                shape["num_layers"], shape["intermediate_size"])
             kill = {"interventions": [{"neurons": everything, "op": "clamp", "value": 0.0}]}
+            if lens:  # vllm-lens steers directions only: a large one after every layer
+                kill = {"interventions": [{"direction": common.unit_direction(shape["hidden_size"], 4000), "op": "add",
+                                           "alpha": 1000.0, "layers": list(range(shape["num_layers"]))}]}
             _, base = generate(probe, [None], 12)
             _, killed = generate(probe, [kill], 12)
-            return {"steering_effective": list(base[0].outputs[0].token_ids) != list(killed[0].outputs[0].token_ids)}
+            answer = {"steering_effective": list(base[0].outputs[0].token_ids) != list(killed[0].outputs[0].token_ids)}
+            if role["name"] in ("plugin", "lens"):  # the parent compares both engines' tokens under one direction
+                steer = common.request_specs({"kind": "directions"}, 1, shape["num_layers"], shape["intermediate_size"],
+                                             shape["num_heads"], shape["hidden_size"])[0]
+                steer = {"interventions": [{**steer["interventions"][0], "alpha": 8.0}]}
+                _, steered = generate(probe, [steer], 12)
+                answer["direction_tokens"] = list(steered[0].outputs[0].token_ids)
+                answer["unsteered_tokens"] = list(base[0].outputs[0].token_ids)
+            return answer
         n_req = cmd["requests"]
         specs = common.request_specs(cmd["workload"], n_req, shape["num_layers"], shape["intermediate_size"],
                                      shape["num_heads"], shape["hidden_size"])
@@ -154,7 +193,12 @@ def worker(role_json: str, result_fd: str) -> None:
                 "steered_requests": sum(s is not None for s in specs),
                 "loadavg_1min": round((load + os.getloadavg()[0]) / 2, 2)}
 
-    common.serve_commands(result_fd, {"startup_s": round(startup_s, 2)}, handle,
+    ready: dict[str, Any] = {"startup_s": round(startup_s, 2), "enforce_eager": llm.llm_engine.vllm_config.model_config.enforce_eager}
+    if lens:
+        from importlib.metadata import version
+
+        ready["vllm_lens"] = version("vllm-lens")
+    common.serve_commands(result_fd, ready, handle,
                           shutdown=lambda: llm.llm_engine.engine_core.shutdown())
 
 
@@ -336,10 +380,21 @@ def start_engines(needed: set[str], model, shape, args, log: Path) -> dict[str, 
     """Start the engines of one session side by side (each in its own fresh process)."""
     procs: dict[str, common.WorkerProcess] = {}
     base = {"model": model, "shape": shape, "enforce_eager": args.enforce_eager}
-    for name in ("plain", "plugin", "noread", "watch", "hf"):
+    for name in ("plain", "plugin", "noread", "watch", "hf", "lens", "plain-eager"):
         if name not in needed:
             continue
-        if name == "hf":
+        if name == "lens":
+            if not LENS_PYTHON.exists():
+                raise SystemExit(f"the vllm-lens configurations need {LENS_PYTHON.parent.parent}: run `make lens-env` "
+                                 "first, or leave lens-idle and lens-directions out of --configs")
+            # Only vllm-lens's plugin ("activations") loads in this engine; vllm-lens forces eager mode itself.
+            procs[name] = common.WorkerProcess(SCRIPT, {**base, "name": name},
+                                               env={**common.ENGINE_ENV, "VLLM_PLUGINS": "activations"},
+                                               log=log, python=LENS_PYTHON)
+        elif name == "plain-eager":
+            procs[name] = common.WorkerProcess(SCRIPT, {**base, "name": name, "enforce_eager": True},
+                                               env=engine_env(False), log=log)
+        elif name == "hf":
             procs[name] = common.WorkerProcess(HF_SCRIPT, {**base, "name": "hf", "batch": args.hf_batch},
                                                env={"VLLM_PLUGINS": None}, log=log)
         else:
@@ -378,6 +433,10 @@ def build_report(args, machine, model, core, sweep, runs, engines_info, loads, w
                 entry["meets_target"] = entry["ratio_to_plain"]["median"] >= TARGETS[name]
         if name in ("steered", "mixed", "reading", "heads", "directions", "everything") and "idle" in core:
             entry["ratio_to_idle_same_engine"] = paired(runs, name, "idle")
+        if name == "lens-directions" and "lens-idle" in core:
+            entry["ratio_to_idle_same_engine"] = paired(runs, name, "lens-idle")
+        if name == "directions" and "lens-directions" in core:
+            entry["ratio_to_vllm_lens"] = paired(runs, "directions", "lens-directions")
         if name == "idle" and "idle-noread" in core:
             entry["ratio_to_read_back_off"] = paired(runs, "idle", "idle-noread")
         if name == "watching" and "idle" in core:
@@ -402,7 +461,14 @@ def build_report(args, machine, model, core, sweep, runs, engines_info, loads, w
               "ratio_to_vllm_steered": paired(runs, "hf", "steered"),
               "ratio_to_plain": paired(runs, "hf", "plain")}
     checks = [e for e in engines_info if e.get("check")]
-    checks_ok = all(e["steering_effective"] == (e["engine"] != "plain") for e in checks)
+    agreement = []  # kn-steer's and vllm-lens's greedy tokens under the same added direction, per session
+    for session in sorted({e["session"] for e in checks}):
+        by_engine = {e["engine"]: e.get("direction_tokens") for e in checks if e["session"] == session}
+        if by_engine.get("plugin") and by_engine.get("lens"):
+            a, b = by_engine["plugin"], by_engine["lens"]
+            agreement.append({"session": session, "same_tokens": a == b,
+                              "common_prefix": next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))})
+    checks_ok = all(e["steering_effective"] == (e["engine"] not in ("plain", "plain-eager")) for e in checks)
     return {
         "benchmark": "serving", "machine": common.finish_machine(machine, loads), "model": model,
         "settings": {"requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
@@ -410,7 +476,7 @@ def build_report(args, machine, model, core, sweep, runs, engines_info, loads, w
                      "dtype": "float32", "greedy": True, "ignore_eos": True,
                      "compilation": "enforce_eager" if args.enforce_eager else "default (compiled)",
                      "engine_env": common.ENGINE_ENV, "plain_engine_env": {"VLLM_PLUGINS": ""}},
-        "wall_s": round(wall, 1), "steering_checks_ok": checks_ok,
+        "wall_s": round(wall, 1), "steering_checks_ok": checks_ok, "direction_agreement_with_vllm_lens": agreement,
         "core": out_core, "scaling": scaling, "hf_hooks": hf, "engines": engines_info, "runs": runs,
     }
 
@@ -440,6 +506,13 @@ def print_report(report: dict[str, Any]) -> None:
     if idle:
         print(f"(b) / (f): what the read op in the graph costs requests that read nothing: {idle.get('median')} "
               f"(per run {idle.get('per_round')})")
+    versus_lens = report["core"].get("directions", {}).get("ratio_to_vllm_lens")
+    for row in report.get("direction_agreement_with_vllm_lens", []):
+        print(f"session {row['session']}: kn-steer and vllm-lens, one direction (alpha 8) after every layer: "
+              f"same 12 greedy tokens {row['same_tokens']} (first {row['common_prefix']} agree)")
+    if versus_lens:
+        print(f"(i) / (l): kn-steer over vllm-lens, the same direction after every layer: {versus_lens.get('median')} "
+              f"(per run {versus_lens.get('per_round')})")
     watching = report["core"].get("watching", {}).get("ratio_to_idle")
     if watching:
         print(f"(g) / (b): what live statistics of a 100-neuron set cost all traffic: {watching.get('median')} "

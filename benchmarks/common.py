@@ -155,13 +155,13 @@ class WorkerProcess:
 
     The parent starts ``python SCRIPT --worker ROLE_JSON RESULT_FD``, sends one JSON command per
     line on the child's stdin and reads one JSON answer per command from a private pipe (the
-    engine's own logs go to ``log``). Keeping every compared engine alive at once lets the parent
+    engine's own logs go to ``log``; ``python`` runs it under another environment's interpreter). Keeping every compared engine alive at once lets the parent
     interleave configurations workload by workload, so slow phases of a shared machine hit all of
     them alike; an engine only ever runs in a fresh process of its own.
     """
 
     def __init__(self, script: Path, role: Mapping[str, Any], env: Mapping[str, str | None] | None = None,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, python: str | Path | None = None) -> None:
         child_env = dict(os.environ)
         for key, value in (env or {}).items():
             if value is None:
@@ -175,7 +175,7 @@ class WorkerProcess:
             self._log.write(f"\n===== {time.strftime('%H:%M:%S')} start {script.name} {json.dumps(role)[:300]}\n")
             self._log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), "--worker", json.dumps(role), str(write_fd)],
+            [str(python or sys.executable), str(script), "--worker", json.dumps(role), str(write_fd)],
             env=child_env, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
             pass_fds=(write_fd,), cwd=ROOT, text=True, start_new_session=True,
         )
